@@ -1,0 +1,1 @@
+"""Admin and operator routers (/v1/admin/...)."""

@@ -1,0 +1,29 @@
+"""`selfadapt` command line: up, serve, model, keys."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from app.cli.keys import keys_app
+from app.cli.model import model_app
+from app.cli.serve import serve, up
+
+cli = typer.Typer(
+    name="selfadapt",
+    help="Online self-adapting LLM inference server.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+cli.command("up")(up)
+cli.command("serve")(serve)
+cli.add_typer(model_app)
+cli.add_typer(keys_app)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cli()

@@ -1,0 +1,1 @@
+"""SQL persistence: ORM base, models, engine/session factories, query helpers and migrations."""

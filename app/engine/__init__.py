@@ -1,0 +1,1 @@
+"""Inference backends: the engine protocol and its in-process vLLM implementation."""

@@ -1,0 +1,1 @@
+"""Wire models (pydantic) for the public and admin APIs."""

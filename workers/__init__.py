@@ -1,0 +1,1 @@
+"""Learning pipeline: background tasks that turn documents into LoRA adapters."""

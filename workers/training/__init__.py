@@ -1,0 +1,1 @@
+"""LoRA training (heavy imports live in the modules, loaded lazily)."""

@@ -1,0 +1,281 @@
+"""LoRA SFT with PEFT: a plain torch loop over chat pairs and raw text that writes a PEFT folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label value that HF causal-LM losses skip
+
+StepCallback = Callable[[int, int, float], None]
+"""``on_step(step, total_steps, loss)``, called after every optimizer step (1-based)."""
+
+
+@dataclass(frozen=True)
+class LoRAHyper:
+    """LoRA and optimisation settings. ``steps`` (when set) overrides ``epochs``."""
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR_TARGETS
+    lr: float = 1e-3
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 8
+    max_len: int = 256
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def total_steps(self, n_examples: int) -> int:
+        """Optimizer steps for ``n_examples`` examples."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One user turn and the assistant answer to learn; loss only on the answer."""
+
+    user: str
+    assistant: str
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """A raw document; loss on every token (an EOS token is appended)."""
+
+    text: str
+
+
+TrainExample = ChatExample | TextExample | tuple[str, str] | str
+"""A ``(user, assistant)`` tuple is a chat pair; a bare ``str`` is a raw text example."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run produced."""
+
+    steps: int
+    final_loss: float
+    seconds: float
+    out_dir: Path
+    losses: tuple[float, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids and labels (``IGNORE_INDEX`` where no loss is taken)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def as_example(item: TrainExample) -> ChatExample | TextExample:
+    """Normalise the accepted example forms to ``ChatExample`` / ``TextExample``."""
+    if isinstance(item, ChatExample | TextExample):
+        return item
+    if isinstance(item, str):
+        return TextExample(item)
+    user, assistant = item
+    return ChatExample(user, assistant)
+
+
+def train_lora(
+    base_model_dir: Path,
+    examples: Sequence[TrainExample],
+    out_dir: Path,
+    hyper: LoRAHyper | None = None,
+    *,
+    init_adapter_dir: Path | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on ``examples`` and save it as a PEFT folder at ``out_dir``.
+
+    Runs fp32 on CPU and bf16 (base weights) on CUDA. With ``init_adapter_dir`` training
+    continues from that adapter and its LoRA config; the LoRA fields of ``hyper`` are unused.
+
+    Returns:
+        Steps run, final and per-step losses, wall seconds and the output directory.
+
+    Raises:
+        FileExistsError: ``out_dir`` already exists (adapter versions are never overwritten).
+        ValueError: no examples, or a chat prompt that leaves no answer token within max_len.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    hyper = hyper or LoRAHyper()
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"adapter directory {out_dir} already exists")
+    if not examples:
+        raise ValueError("train_lora needs at least one example")
+    started = time.monotonic()
+    torch.manual_seed(hyper.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    encoded = [encode_example(tokenizer, as_example(e), hyper.max_len) for e in examples]
+    device, dtype = _pick_device()
+    model = _load_peft_model(Path(base_model_dir), hyper, init_adapter_dir, device, dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = hyper.total_steps(len(encoded))
+    batches = _batches(encoded, hyper, pad_id, total)
+    losses = _optimise(model, batches, hyper, total, device, on_step)
+    _save_adapter(model, out_dir)
+    seconds = time.monotonic() - started
+    logger.info("trained %s: %d steps, loss %.4f, %.1f s", out_dir.name, total, losses[-1], seconds)
+    return TrainResult(total, losses[-1], seconds, out_dir, tuple(losses))
+
+
+def encode_example(
+    tokenizer: Any, example: ChatExample | TextExample, max_len: int
+) -> EncodedExample:
+    """Tokenise one example; chat pairs go through the tokenizer's chat template."""
+    if isinstance(example, TextExample):
+        ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        ids = [*ids, tokenizer.eos_token_id][:max_len]
+        return EncodedExample(ids, list(ids))
+    messages = [{"role": "user", "content": example.user}]
+    if example.system is not None:
+        messages.insert(0, {"role": "system", "content": example.system})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": example.assistant})
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template does not render the prompt as a prefix of the answer")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:max_len]
+    # Offsets rather than a separate prompt tokenisation: robust to merges at the boundary.
+    labels = [
+        tok if start >= len(prompt) else IGNORE_INDEX
+        for tok, (start, _end) in zip(ids, enc["offset_mapping"], strict=False)
+    ]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"prompt longer than max_len={max_len} tokens: {example.user[:60]!r}")
+    return EncodedExample(ids, labels)
+
+
+def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and no loss."""
+    import torch
+
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _batches(
+    encoded: Sequence[EncodedExample], hyper: LoRAHyper, pad_id: int, total: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``total`` batches from back-to-back seeded shuffles of the data (epochs may straddle)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(hyper.seed)
+    order: list[int] = []
+    for _ in range(total):
+        while len(order) < hyper.batch_size:
+            order.extend(torch.randperm(len(encoded), generator=generator).tolist())
+        chunk, order = order[: hyper.batch_size], order[hyper.batch_size :]
+        yield collate([encoded[i] for i in chunk], pad_id)
+
+
+def _pick_device() -> tuple[str, torch.dtype]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def _load_peft_model(
+    base_model_dir: Path,
+    hyper: LoRAHyper,
+    init_adapter_dir: Path | None,
+    device: str,
+    dtype: torch.dtype,
+) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+    base.config.use_cache = False
+    if init_adapter_dir is not None:
+        model = PeftModel.from_pretrained(base, str(init_adapter_dir), is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=hyper.rank,
+            lora_alpha=hyper.alpha,
+            lora_dropout=hyper.dropout,
+            target_modules=list(hyper.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, config)
+    return model.to(device)
+
+
+def _optimise(
+    model: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    hyper: LoRAHyper,
+    total: int,
+    device: str,
+    on_step: StepCallback | None,
+) -> list[float]:
+    """AdamW at a constant learning rate over the trainable (LoRA) parameters."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hyper.lr, weight_decay=hyper.weight_decay)
+    model.train()
+    losses: list[float] = []
+    for step, batch in enumerate(batches, start=1):
+        loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+        loss.backward()
+        if hyper.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, total, losses[-1])
+    return losses
+
+
+def _save_adapter(model: Any, out_dir: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors into a temp dir, then rename."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; other readers (the engine) need access
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
