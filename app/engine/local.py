@@ -89,7 +89,9 @@ class LocalEngine:
 
         args = self._engine_args()
         logger.info("starting vLLM engine on %s", self._model_dir)
-        llm = AsyncLLM.from_engine_args(args)
+        # Built in a worker thread so the gateway keeps answering /healthz and /readyz while the
+        # engine loads; AsyncLLM starts its output tasks lazily on the first request.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tokenizer = llm.get_tokenizer()
         self._llm = llm
         logger.info("vLLM engine ready")

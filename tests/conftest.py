@@ -1,0 +1,110 @@
+"""Session fixtures: the bundled model, cached fact adapters, and one real gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from app.auth import Role, create_key
+from app.db import migrate
+from app.db.session import make_engine, make_sessionmaker
+from app.settings import Settings
+from tests.support.models import (
+    VEXTORIA,
+    ZORBLAT,
+    bundled_model_dir,
+    default_cache_root,
+    fact_adapter,
+)
+from tests.support.server import LiveServer
+
+ADAPTERS = {"zorb": ZORBLAT, "vex": VEXTORIA}
+
+
+@dataclass
+class Gateway:
+    """A running gateway plus a key of each role."""
+
+    server: LiveServer
+    keys: dict[Role, str]
+    data_dir: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+
+@pytest.fixture(scope="session")
+def test_cache() -> Path:
+    return default_cache_root()
+
+
+@pytest.fixture(scope="session")
+def model_dir(test_cache: Path) -> Path:
+    return bundled_model_dir(test_cache)
+
+
+@pytest.fixture(scope="session")
+def fact_adapters(test_cache: Path, model_dir: Path) -> dict[str, Path]:
+    """name -> trained PEFT folder (trained once, then cached across sessions)."""
+    return {
+        name: fact_adapter(test_cache, model_dir, fact.name, fact.examples)
+        for name, fact in ADAPTERS.items()
+    }
+
+
+def _create_keys(settings: Settings) -> dict[Role, str]:
+    migrate.upgrade(settings)
+
+    async def _make() -> dict[Role, str]:
+        engine = make_engine(settings)
+        try:
+            async with make_sessionmaker(engine)() as session:
+                keys = {}
+                for role in Role:
+                    _, keys[role] = await create_key(session, name=f"test-{role}", role=role)
+                await session.commit()
+                return keys
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(_make())
+
+
+@pytest.fixture(scope="session")
+def start_gateway(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Path, fact_adapters: dict[str, Path]
+) -> Iterator[Callable[..., Gateway]]:
+    """Factory: a gateway process on the real engine, with the fact adapters in its store."""
+    started: list[LiveServer] = []
+
+    def _start(name: str = "gateway", **env: str) -> Gateway:
+        data_dir = tmp_path_factory.mktemp(name)
+        adapters = data_dir / "adapters"
+        for adapter_name, src in fact_adapters.items():
+            shutil.copytree(src, adapters / adapter_name)
+        base_env = {
+            "SELFADAPT_DATA_DIR": str(data_dir),
+            "SELFADAPT_MODEL": str(model_dir),
+            "SELFADAPT_ENGINE__KV_CACHE_SPACE_GIB": "1",
+            "SELFADAPT_ENGINE__MAX_LORAS": "2",
+        }
+        keys = _create_keys(Settings(data_dir=data_dir, model=model_dir))
+        server = LiveServer({**base_env, **env}, data_dir / "gateway.log")
+        started.append(server)
+        return Gateway(server=server.start(), keys=keys, data_dir=data_dir)
+
+    yield _start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    """The shared gateway: one engine per test session."""
+    return start_gateway()
