@@ -57,7 +57,9 @@ async def test_chat_queue_full_is_429_with_retry_after(
     c, engine = client
     engine.gate = asyncio.Event()
     held = [asyncio.create_task(c.post("/v1/chat/completions", json=_chat())) for _ in range(2)]
-    while engine.running < 2:
+    for _ in range(500):  # until both requests sit in the engine
+        if engine.running == 2:
+            break
         await asyncio.sleep(0.01)
     r = await c.post("/v1/chat/completions", json=_chat())
     assert r.status_code == 429

