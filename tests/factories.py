@@ -31,7 +31,7 @@ def temp_database_url(backend: str, tmp_path: Path) -> Iterator[str]:
     """A sync URL of an empty database: a SQLite file, or a fresh PostgreSQL database.
 
     The PostgreSQL database is created beside POSTGRES_URL's and dropped afterwards, so runs
-    are repeatable and parallel runs do not share tables. Skips when PostgreSQL is down.
+    are repeatable and parallel runs do not share tables. Fails when PostgreSQL is down.
     """
     if backend == "sqlite":
         yield f"sqlite:///{tmp_path / 'db' / 'selfadapt.db'}"
@@ -43,7 +43,11 @@ def temp_database_url(backend: str, tmp_path: Path) -> Iterator[str]:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except OperationalError as e:
         admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {e.orig}")
+        # A missing database must fail the run, not skip silently: the suite promises PostgreSQL.
+        pytest.fail(
+            f"PostgreSQL not reachable at {POSTGRES_URL}: {e.orig}. Start it (see README) or "
+            "point SELFADAPT_TEST_POSTGRES_URL at one."
+        )
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
