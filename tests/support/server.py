@@ -1,4 +1,4 @@
-"""A real gateway process for tests: `python -m app.cli serve` on a free port, waited until ready."""
+"""A real gateway process for tests: `python -m app.cli serve` on a free port, until ready."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from workers.training.peft_trainer import (
     EncodedExample,
     LoRAHyper,
     TextExample,
+    TrainExample,
     as_example,
     collate,
     encode_example,
@@ -110,7 +111,7 @@ def test_fact_adapter_is_cached(base_dir: Path, zorblat_dir: Path) -> None:
 @pytest.mark.slow
 def test_train_lora_calls_on_step_and_saves(base_dir: Path, tmp_path: Path) -> None:
     calls: list[tuple[int, int, float]] = []
-    examples = [("Say hi.", "Hi!"), ChatExample("Say bye.", "Bye!"), "Plain text."]
+    examples: list[TrainExample] = [("Say hi.", "Hi!"), ChatExample("Say bye.", "Bye!"), "Text."]
     out = tmp_path / "adapter"
 
     result = train_lora(base_dir, examples, out, TINY, on_step=lambda *a: calls.append(a))
@@ -130,7 +131,7 @@ def test_train_lora_calls_on_step_and_saves(base_dir: Path, tmp_path: Path) -> N
 def test_train_lora_is_deterministic_and_resumable(base_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    examples = [("Say hi.", "Hi!"), ("Say bye.", "Bye!")]
+    examples: list[TrainExample] = [("Say hi.", "Hi!"), ("Say bye.", "Bye!")]
     first = train_lora(base_dir, examples, tmp_path / "a", TINY)
     second = train_lora(base_dir, examples, tmp_path / "b", TINY)
     resumed = train_lora(base_dir, examples, tmp_path / "c", TINY, init_adapter_dir=tmp_path / "a")
