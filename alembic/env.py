@@ -7,6 +7,7 @@ from logging.config import fileConfig
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
+from adapters_store import models as adapters_models  # noqa: F401  (registry tables)
 from alembic import context
 from app.db import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db.base import Base

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 import app
-from alembic import command
 from app.db.session import ensure_sqlite_dir
 from app.settings import Settings
 
