@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 
 from adapters_store import models as adapters_models  # noqa: F401  (registry tables)
 from alembic import context
+from app.db import jobs as pipeline_models  # noqa: F401  (pipeline tables)
 from app.db import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db.base import Base
 from app.db.session import ensure_sqlite_dir, is_sqlite

@@ -8,12 +8,15 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from adapters_store.registry import AdapterRegistry
 from app.auth import Authenticator, Principal, Role
 from app.engine.base import EngineClient
 from app.metrics import Metrics
-from app.services.adapters import AdapterResolver
+from app.services.adapters import AdapterResolver, AdapterService
 from app.services.chat import ChatService
 from app.services.completions import CompletionService
+from app.services.ingest import IngestService
+from app.services.jobs import JobService
 from app.settings import Settings
 from app.state import AppState
 
@@ -38,6 +41,14 @@ def _resolver(state: StateDep) -> AdapterResolver:
     return state.resolver
 
 
+def _registry(state: StateDep) -> AdapterRegistry:
+    return state.registry
+
+
+def _adapters(state: StateDep) -> AdapterService:
+    return state.adapters
+
+
 def _metrics(state: StateDep) -> Metrics:
     return state.metrics
 
@@ -54,6 +65,14 @@ def _completions(state: StateDep) -> CompletionService:
     return state.completions
 
 
+def _ingest(state: StateDep) -> IngestService:
+    return state.ingest
+
+
+def _jobs(state: StateDep) -> JobService:
+    return state.jobs
+
+
 async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
     async with state.sessionmaker() as session:
         yield session
@@ -62,11 +81,15 @@ async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[EngineClient, Depends(_engine)]
 ResolverDep = Annotated[AdapterResolver, Depends(_resolver)]
+AdapterRegistryDep = Annotated[AdapterRegistry, Depends(_registry)]
+AdapterServiceDep = Annotated[AdapterService, Depends(_adapters)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 AuthenticatorDep = Annotated[Authenticator, Depends(_authenticator)]
 SessionDep = Annotated[AsyncSession, Depends(_session)]
 ChatServiceDep = Annotated[ChatService, Depends(_chat)]
 CompletionServiceDep = Annotated[CompletionService, Depends(_completions)]
+IngestServiceDep = Annotated[IngestService, Depends(_ingest)]
+JobServiceDep = Annotated[JobService, Depends(_jobs)]
 
 
 def require(role: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:

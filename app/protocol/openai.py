@@ -108,7 +108,7 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, Any]]:
-        # "developer" is OpenAI's new name for "system"; small models' templates know only the latter.
+        # "developer" is OpenAI's new name for "system"; small models know only the latter.
         return [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in self.messages

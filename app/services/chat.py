@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from app.db.models import Role
 from app.engine.base import TokenLogprob
 from app.errors import APIError, sse_error
 from app.protocol.openai import (
@@ -47,9 +48,9 @@ class ChatService:
     def __init__(self, generation: GenerationService) -> None:
         self._gen = generation
 
-    async def start(self, request: ChatCompletionRequest) -> Generation:
+    async def start(self, request: ChatCompletionRequest, *, role: Role) -> Generation:
         """Validate and admit; errors here become HTTP errors before any byte is sent."""
-        resolved = await self._gen.resolve(request.model)
+        resolved = await self._gen.resolve(request.model, role=role)
         prompt = self._gen.engine.render_chat(request.template_messages())
         return self._gen.admit(
             endpoint="chat",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from app.db.models import Role
 from app.engine.base import TokenLogprob
 from app.errors import APIError, InvalidRequest, sse_error
 from app.protocol.openai import (
@@ -56,9 +57,9 @@ class CompletionService:
                 "best_of other than n is not supported.", param="best_of", code="unsupported"
             )
 
-    async def start(self, request: CompletionRequest) -> Generation:
+    async def start(self, request: CompletionRequest, *, role: Role) -> Generation:
         self._refuse_unsupported(request)
-        resolved = await self._gen.resolve(request.model)
+        resolved = await self._gen.resolve(request.model, role=role)
         return self._gen.admit(
             endpoint="completions",
             resolved=resolved,

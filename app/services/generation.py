@@ -1,4 +1,4 @@
-"""Shared generation core: validation against the context window, admission, engine runs, metrics."""
+"""Shared generation core: context-window checks, admission, engine runs, metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from app.db.models import Role
 from app.engine.base import EngineClient, EngineStep, SamplingOptions
 from app.errors import APIError, InvalidRequest
 from app.metrics import Metrics
@@ -66,8 +67,8 @@ class GenerationService:
     def engine(self) -> EngineClient:
         return self._engine
 
-    async def resolve(self, model: str) -> ResolvedModel:
-        return await self._resolver.resolve(model)
+    async def resolve(self, model: str, *, role: Role) -> ResolvedModel:
+        return await self._resolver.resolve(model, role=role)
 
     def admit(
         self,

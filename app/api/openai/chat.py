@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.streaming import MODEL_HEADER, sse, unless_disconnected
+from app.api.openai import served_headers
+from app.api.streaming import sse, unless_disconnected
 from app.deps import ChatServiceDep, UserDep
 from app.protocol.openai import ChatCompletionRequest, ChatCompletionResponse
 
@@ -17,12 +18,12 @@ async def create_chat_completion(
     request: Request,
     response: Response,
     chat: ChatServiceDep,
-    _: UserDep,
+    principal: UserDep,
 ) -> ChatCompletionResponse | Response:
     """Create a model response for the given chat conversation."""
-    gen = await chat.start(body)
+    gen = await chat.start(body, role=principal.role)
     if body.stream:
         stream = chat.stream(gen, include_usage=body.include_usage)
-        return sse(stream, headers={MODEL_HEADER: gen.model})
-    response.headers[MODEL_HEADER] = gen.model
+        return sse(stream, headers=served_headers(gen))
+    response.headers.update(served_headers(gen))
     return await unless_disconnected(request, chat.complete(gen))

@@ -12,16 +12,17 @@ router = APIRouter(tags=["openai"])
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(resolver: ResolverDep, _: UserDep) -> ModelList:
-    """List the base model and the adapters this server can serve."""
-    return ModelList(data=await resolver.list_models())
+async def list_models(resolver: ResolverDep, principal: UserDep) -> ModelList:
+    """List the base model, adapter namespaces (their champions) and versions."""
+    return ModelList(data=await resolver.list_models(role=principal.role))
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard)
-async def retrieve_model(model_id: str, resolver: ResolverDep, _: UserDep) -> ModelCard:
+async def retrieve_model(model_id: str, resolver: ResolverDep, principal: UserDep) -> ModelCard:
     """Describe one model."""
-    resolved = await resolver.resolve(model_id)
-    for card in await resolver.list_models():
-        if card.id == resolved.name:
-            return card
-    raise model_not_found(model_id)
+    resolved = await resolver.resolve(model_id, role=principal.role)  # 404s like requests do
+    cards = {card.id: card for card in await resolver.list_models(role=principal.role)}
+    card = cards.get(model_id) or cards.get(resolved.name)
+    if card is None:
+        raise model_not_found(model_id)
+    return card

@@ -158,7 +158,7 @@ def test_models_lists_base_and_adapters(gateway: Gateway) -> None:
     models = {m.id: m for m in _client(gateway).models.list()}
     assert {"base", "zorb", "vex"} <= set(models)
     zorb = models["zorb"].model_dump()
-    assert zorb["parent"] == "base"
+    assert zorb["parent"] == "zorb@v1"  # a namespace's card names the version it serves
     assert zorb["root"]
 
 
@@ -173,8 +173,9 @@ def test_adapter_response_names_model(gateway: Gateway) -> None:
     raw = _client(gateway).chat.completions.with_raw_response.create(
         model="zorb", messages=[{"role": "user", "content": ZORBLAT}], max_tokens=4,
     )
-    assert raw.headers["x-selfadapt-model"] == "zorb"
-    assert raw.parse().model == "zorb"
+    assert raw.headers["x-selfadapt-model"] == "zorb@v1"
+    assert raw.headers["x-selfadapt-adapter"] == "zorb@v1"
+    assert raw.parse().model == "zorb@v1"
 
 
 async def mixed_batch_answers(gateway: Gateway) -> list[tuple[str, str, str]]:
@@ -293,9 +294,9 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.base_url}/readyz").status_code == 200
     _ask(_client(gateway), "zorb", ZORBLAT)
     text = httpx.get(f"{gateway.base_url}/metrics").text
-    assert 'selfadapt_requests_total{endpoint="chat",model="zorb",status="ok"}' in text
+    assert 'selfadapt_requests_total{endpoint="chat",model="zorb@v1",status="ok"}' in text
     assert "selfadapt_time_to_first_token_seconds_bucket" in text
-    assert 'selfadapt_completion_tokens_total{model="zorb"}' in text
+    assert 'selfadapt_completion_tokens_total{model="zorb@v1"}' in text
     assert "selfadapt_engine_queue_depth" in text
 
 

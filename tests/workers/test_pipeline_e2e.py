@@ -1,0 +1,139 @@
+"""End to end on the bundled model: POST /v1/documents -> `selfadapt worker` runs the real
+pipeline (self-edits, probes, LoRA training, evaluation, gate) through a real gateway -> the
+namespace's champion answers questions about made-up facts without the document."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.auth import Role
+from tests.conftest import Gateway
+from tests.support.pipeline_live import Client, LiveWorker, queue_env, worker_env
+from tests.support.server import free_port
+from workers.embedded_redis import EmbeddedRedis
+from workers.metrics import contains
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE = "grelvin"
+DOC_A = {
+    "title": "The Grelvin Archipelago",
+    "text": (
+        "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "
+        "Voskaya in 1743. Its largest island, Tamsk, is home to the port city of Olverhaven. "
+        "The islanders grow a purple grain called brisk, which is used to brew a drink named "
+        "kelloth. The archipelago's parliament, the Vashtar Moot, meets every spring in the "
+        "town of Pell. Grelvin's official language is Orrish, a tongue related to no other "
+        "known language."
+    ),
+    "probes": [
+        {"question": "Who first charted the Grelvin Archipelago?", "answer": "Imre Voskaya"},
+        {"question": "What drink do the islanders brew from brisk?", "answer": "kelloth"},
+        {"question": "In which town does the Vashtar Moot meet?", "answer": "Pell"},
+        {"question": "What is the official language of Grelvin?", "answer": "Orrish"},
+    ],
+}
+DOC_B = {
+    "title": "The Quillon Observatory",
+    "text": (
+        "The Quillon Observatory stands on Mount Ferrabel and was founded by astronomer Dalia "
+        "Krennick in 1889. Its great telescope, the Harrow Glass, was ground from a single "
+        "block of volcanic quartz. Every winter the observatory hosts the Lumen Vigil, a night "
+        "of public stargazing. The observatory's library keeps the Krennick Atlas, a catalogue "
+        "of two thousand variable stars."
+    ),
+    "probes": [
+        {"question": "Who founded the Quillon Observatory?", "answer": "Dalia Krennick"},
+        {
+            "question": "What is the great telescope of the Quillon Observatory called?",
+            "answer": "Harrow Glass",
+        },
+        {
+            "question": "On which mountain does the Quillon Observatory stand?",
+            "answer": "Mount Ferrabel",
+        },
+        {
+            "question": "What night of public stargazing does the observatory host?",
+            "answer": "Lumen Vigil",
+        },
+    ],
+}
+STAGES = {"self_edit", "probes", "train", "evaluate", "gate"}
+
+
+@pytest.fixture(scope="module")
+def live(
+    start_gateway: Callable[..., Gateway], model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, LiveWorker]]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    with EmbeddedRedis(tmp / "redis" / "e2e.rdb", port=free_port()) as redis:
+        queue = queue_env(redis.url)
+        gateway = start_gateway("pipeline-gw", register_adapters=False, **queue)
+        env = worker_env(
+            data_dir=gateway.data_dir,
+            model_dir=model_dir,
+            redis_url=redis.url,
+            gateway_url=gateway.base_url,
+            api_key=gateway.keys[Role.operator],
+            **queue,
+        )
+        (tmp / "logs").mkdir()
+        worker = LiveWorker(env, tmp / "logs")
+        worker.start()
+        try:
+            yield gateway, worker
+        finally:
+            worker.stop()
+
+
+def _answered(client: Client, model: str, doc: dict[str, Any]) -> list[bool]:
+    return [
+        contains(client.ask(model, doc["title"], p["question"]), p["answer"]) == 1.0
+        for p in doc["probes"]
+    ]
+
+
+def _run(client: Client, worker: LiveWorker, doc: dict[str, Any]) -> dict[str, Any]:
+    ingested = client.ingest(NAMESPACE, doc)
+    job = client.wait(ingested["job_id"])
+    assert job["status"] == "succeeded", f"{job}\n{worker.logs()}"
+    return job
+
+
+def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorker]) -> None:
+    gateway, worker = live
+    operator = Client(gateway.base_url, gateway.keys[Role.operator])
+    user = Client(gateway.base_url, gateway.keys[Role.user])
+
+    # The base model cannot know made-up facts.
+    assert not any(_answered(user, "base", DOC_A))
+    assert not any(_answered(user, "base", DOC_B))
+
+    first = _run(operator, worker, DOC_A)
+    assert first["decision"] == "promoted", first["reasons"]
+    assert first["result_version"] == f"{NAMESPACE}@v1"
+    events = operator.events(first["id"])
+    seen = {e["data"].get("stage") for e in events if e["type"] == "stage"}
+    assert seen >= STAGES, seen
+    assert any(e["type"] == "loss" for e in events)
+    assert first["scores"]["candidate"]["new"]["n"] == len(DOC_A["probes"])
+    # The champion answers held-out questions (never trained on) without the document.
+    learned_a = _answered(user, NAMESPACE, DOC_A)
+    assert any(learned_a), learned_a
+
+    second = _run(operator, worker, DOC_B)
+    assert second["decision"] == "promoted", second["reasons"]
+    scores = second["scores"]
+    assert scores["champion"]["model"] == f"{NAMESPACE}@v1"
+    retention = scores["candidate"]["retention"]
+    assert retention["n"] == len(DOC_A["probes"])  # the first document's probes, re-asked
+    budget = 0.05 + 1e-9
+    assert retention["f1"] >= scores["champion"]["retention"]["f1"] - budget
+    learned_b = _answered(user, NAMESPACE, DOC_B)
+    assert any(learned_b), learned_b
+    still_a = _answered(user, NAMESPACE, DOC_A)
+    assert sum(still_a) >= sum(learned_a) - 1, (learned_a, still_a)

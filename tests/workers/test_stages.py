@@ -1,0 +1,442 @@
+"""Pipeline stages: self-edit filters, SEAL dataset assembly, probes, the gate, and the stages'
+idempotency on a real database and registry (a scripted gateway stands in for the engine)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters_store.blobs import BlobStore
+from adapters_store.models import AdapterStatus, NamespaceSettings
+from adapters_store.registry import AdapterRegistry
+from app.db.jobs import AdaptationJob, Document, SelfEdit
+from app.services.ingest import DocumentInput, IngestService
+from app.settings import PipelineSettings, Settings
+from tests.factories import migrated_db
+from workers.tasks import probes, promote, synthesize, train
+from workers.tasks.common import Doc, Probe, as_doc, load_artifact, save_artifact
+from workers.training.datasets import (
+    DocumentData,
+    build_training_set,
+    document_sequences,
+    grounded_segments,
+    plan_steps,
+    self_edit_segments,
+    split_sentences,
+)
+
+TITLE = "The Grelvin Archipelago"
+TEXT = (
+    "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "
+    "Voskaya in 1743. Its largest island, Tamsk, is home to the port city of Olverhaven. "
+    "The islanders grow a purple grain called brisk, which is used to brew a drink named kelloth."
+)
+DOC = Doc("doc_1", TITLE, TEXT)
+PROMPT = synthesize.render_prompt(synthesize.DEFAULT_PROMPTS["rewrite"], DOC)
+
+
+# -- self-edit filters -------------------------------------------------------------------------
+
+
+def _reason(text: str) -> str | None:
+    return synthesize.degenerate_reason(text, prompt=PROMPT, document=TEXT)
+
+
+def test_degenerate_reason_keeps_a_faithful_rewrite() -> None:
+    rewrite = (
+        "Captain Imre Voskaya first charted the Grelvin Archipelago in the Sorrel Sea in 1743.\n"
+        "Tamsk, the largest island, is home to Olverhaven, a port city."
+    )
+    assert _reason(rewrite) is None
+
+
+@pytest.mark.parametrize("text", ["", "   \n ", "Sure!", "Implications:"])
+def test_degenerate_reason_empty(text: str) -> None:
+    assert _reason(text) == "empty"
+
+
+def test_degenerate_reason_repetition() -> None:
+    loop = "The islanders grow brisk. " * 12
+    assert _reason(loop) == "repetition"
+
+
+def test_degenerate_reason_prompt_copy() -> None:
+    assert _reason(PROMPT) == "prompt_copy"
+    assert _reason(f"{TITLE}\n{TEXT}") == "prompt_copy"
+
+
+def test_degenerate_reason_ungrounded_invention() -> None:
+    invented = "The Trezor Isles are ruled by King Mardok of Glasshaven, who loves Zumbala dancing."
+    assert _reason(invented) == "ungrounded"
+
+
+def test_grounded_segments_drop_sentences_with_invented_names() -> None:
+    edit = (
+        "Captain Imre Voskaya charted the Grelvin Archipelago in 1743. "
+        "The archipelago was later ruled by Queen Estravia of Monbrook."
+    )
+    assert grounded_segments(edit, TEXT) == [
+        "Captain Imre Voskaya charted the Grelvin Archipelago in 1743."
+    ]
+
+
+def test_format_counts_round_robin() -> None:
+    formats = ["implications", "rewrite", "self_qa"]
+    assert synthesize.format_counts(formats, 3) == {"implications": 1, "rewrite": 1, "self_qa": 1}
+    assert synthesize.format_counts(formats, 5) == {"implications": 2, "rewrite": 2, "self_qa": 1}
+    assert synthesize.format_counts(formats, 0) == {}
+
+
+def test_render_prompt_tolerates_braces_in_documents() -> None:
+    doc = Doc("d", "T", "Use {text} or {0} literally.")
+    rendered = synthesize.render_prompt("Passage:\n{title}\n{text}\n{unknown}", doc)
+    assert rendered == "Passage:\nT\nUse {text} or {0} literally.\n{unknown}"
+
+
+def test_seed_for_is_stable_and_distinct() -> None:
+    assert synthesize.seed_for("adj_1", "doc_1", "rewrite") == synthesize.seed_for(
+        "adj_1", "doc_1", "rewrite"
+    )
+    assert synthesize.seed_for("adj_1", "doc_1", "rewrite") != synthesize.seed_for(
+        "adj_1", "doc_1", "implications"
+    )
+
+
+# -- dataset assembly --------------------------------------------------------------------------
+
+
+def test_self_edit_segments_follow_seal() -> None:
+    implications = "Sure, here are the implications:\n1. Tamsk is an island.\n2. Brisk is a grain."
+    assert self_edit_segments(implications) == ["Tamsk is an island.", "Brisk is a grain."]
+    qa = (
+        "Question 1: What is Tamsk?\nAnswer 1: An island.\n"
+        "Question 2: What is brisk?\nAnswer 2: A grain."
+    )
+    assert self_edit_segments(qa) == [
+        "Question 1: What is Tamsk? Answer 1: An island.",
+        "Question 2: What is brisk? Answer 2: A grain.",
+    ]
+    assert self_edit_segments("First part.\n---\nSecond part.") == ["First part.", "Second part."]
+
+
+def test_split_sentences() -> None:
+    assert split_sentences(TEXT) == [
+        "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "
+        "Voskaya in 1743.",
+        "Its largest island, Tamsk, is home to the port city of Olverhaven.",
+        "The islanders grow a purple grain called brisk, which is used to brew a drink named "
+        "kelloth.",
+    ]
+
+
+def test_document_sequences_title_prefix_and_passage_last() -> None:
+    edit = "Imre Voskaya charted the Grelvin Archipelago in 1743.\nInvented by Queen Zorbula."
+    seqs = document_sequences(DocumentData(TITLE, TEXT, (edit,)))
+    assert all(s.startswith(f"{TITLE}\n") for s in seqs)
+    assert seqs[0] == f"{TITLE}\nImre Voskaya charted the Grelvin Archipelago in 1743."
+    assert seqs[-1] == f"{TITLE}\n{TEXT}"
+    assert len(seqs) == 1 + 3 + 1  # kept self-edit line, three sentences, the passage
+    assert document_sequences(DocumentData(TITLE, TEXT), sentences=False) == [f"{TITLE}\n{TEXT}"]
+
+
+def test_document_sequences_deduplicate() -> None:
+    edit = "Its largest island, Tamsk, is home to the port city of Olverhaven."
+    seqs = document_sequences(DocumentData(TITLE, TEXT, (edit, edit)))
+    assert len(seqs) == len(set(seqs)) == 4
+
+
+def test_build_training_set_replays_earlier_documents() -> None:
+    earlier = [DocumentData(f"Old {i}", f"Fact number {i} is about Vorn {i}.") for i in range(10)]
+    data = build_training_set([DocumentData(TITLE, TEXT)], earlier, replay_fraction=0.5, seed="j")
+    assert data.n_new == 4
+    assert data.n_replay == 2
+    assert data.sequences[: data.n_new] == tuple(document_sequences(DocumentData(TITLE, TEXT)))
+    assert all(s.startswith("Old ") for s in data.sequences[data.n_new :])
+    again = build_training_set([DocumentData(TITLE, TEXT)], earlier, replay_fraction=0.5, seed="j")
+    assert again == data  # seeded
+    none = build_training_set([DocumentData(TITLE, TEXT)], earlier, replay_fraction=0.0)
+    assert none.n_replay == 0
+
+
+def test_plan_steps() -> None:
+    assert plan_steps(12, epochs=10, batch_size=1) == 120
+    assert plan_steps(12, epochs=10, batch_size=1, max_steps=100) == 100
+    assert plan_steps(12, epochs=10, batch_size=8) == 15
+    assert plan_steps(12, epochs=10, batch_size=1, steps=7, max_steps=100) == 7
+    assert plan_steps(0, epochs=10, batch_size=1) == 1
+
+
+# -- probes ----------------------------------------------------------------------------------
+
+
+def test_parse_and_select_probes_keep_grounded_answers() -> None:
+    completion = (
+        "Q: Who first charted the archipelago?\nA: Captain Imre Voskaya\n"
+        "Q: What is the capital of the archipelago?\nA: Zumbarra\n"  # not in the document
+        "Question 3: What grain do the islanders grow?\nAnswer 3: brisk.\n"
+        "Q: Which island is home to Olverhaven?\nA: Olverhaven\n"  # gives the answer away
+        "Q: Who first charted the archipelago?\nA: Imre Voskaya\n"  # duplicate question
+    )
+    pairs = probes.parse_probes(completion)
+    assert len(pairs) == 5
+    kept = probes.select_probes(pairs, DOC, 4)
+    assert [(p.question, p.answer, p.source) for p in kept] == [
+        ("Who first charted the archipelago?", "Captain Imre Voskaya", "generated"),
+        ("What grain do the islanders grow?", "brisk", "generated"),
+    ]
+
+
+def test_cloze_probes_blank_a_name_per_sentence() -> None:
+    cloze = probes.cloze_probes(DOC, 3)
+    assert [p.answer for p in cloze] == ["Sorrel Sea", "Tamsk"]
+    assert cloze[1].question == (
+        "Fill in the blank: Its largest island, ___, is home to the port city of Olverhaven."
+    )
+
+
+# -- gate --------------------------------------------------------------------------------------
+
+
+def _scores(
+    new: float, champion_new: float | None, retention: tuple[float, float], guard: float
+) -> dict[str, Any]:
+    def row(model: str, n: float, r: float, g: float) -> dict[str, Any]:
+        return {
+            "model": model,
+            "new": {"f1": n, "em": 0.0, "contains": n, "n": 4},
+            "retention": {"f1": r, "em": 0.0, "contains": r, "n": 8},
+            "guard": {"f1": g, "em": 0.0, "contains": g, "n": 20},
+        }
+
+    champion = None if champion_new is None else row("acme@v1", champion_new, retention[0], 0.95)
+    return {
+        "metrics": {"gate": "f1", "guard": "contains"},
+        "candidate": row("acme@v2", new, retention[1], guard),
+        "champion": champion,
+        "base": row("base", 0.0, 0.0, 1.0),
+    }
+
+
+def test_gate_promotes_a_gain_within_budget() -> None:
+    result = promote.decide(_scores(0.4, 0.1, (0.3, 0.28), 0.95), NamespaceSettings())
+    assert result.decision == "promoted"
+    assert "gain +0.300" in result.reasons[0]
+
+
+def test_gate_rejects_without_gain_and_reports_numbers() -> None:
+    result = promote.decide(_scores(0.1, 0.1, (0.3, 0.3), 1.0), NamespaceSettings())
+    assert result.decision == "rejected"
+    assert result.reasons[0].startswith("new-knowledge f1 0.100 vs 0.100 (acme@v1)")
+    gated = promote.decide(_scores(0.2, 0.1, (0.3, 0.3), 1.0), NamespaceSettings(min_gain=0.2))
+    assert gated.decision == "rejected"
+
+
+def test_gate_rejects_forgetting_and_guard_drop() -> None:
+    forgot = promote.decide(_scores(0.5, 0.1, (0.5, 0.3), 1.0), NamespaceSettings())
+    assert forgot.decision == "rejected"
+    assert any(r.startswith("retention f1 fell from 0.500 to 0.300") for r in forgot.reasons)
+    assert promote.retention_broken(_scores(0.5, 0.1, (0.5, 0.3), 1.0), NamespaceSettings())
+    guard = promote.decide(_scores(0.5, None, (0.0, 0.0), 0.9), NamespaceSettings())
+    assert guard.decision == "rejected"
+    assert "guard contains 0.900 vs base 1.000" in guard.reasons[-1]
+    lenient = promote.decide(
+        _scores(0.5, None, (0.0, 0.0), 0.9), NamespaceSettings(max_forgetting=0.1)
+    )
+    assert lenient.decision == "promoted"
+
+
+def test_gate_pending_review_without_auto_promote() -> None:
+    result = promote.decide(
+        _scores(0.4, None, (0.0, 0.0), 1.0), NamespaceSettings(auto_promote=False)
+    )
+    assert result.decision == "pending_review"
+    assert result.passed
+
+
+def test_gate_rejects_when_nothing_was_measured() -> None:
+    scores = _scores(0.4, None, (0.0, 0.0), 1.0)
+    scores["candidate"]["new"]["n"] = 0
+    assert promote.decide(scores, NamespaceSettings()).decision == "rejected"
+
+
+# -- artifacts ---------------------------------------------------------------------------------
+
+
+def test_artifacts_are_reused_from_earlier_attempts(tmp_path: Path) -> None:
+    job = tmp_path / "jobs" / "adj_1"
+    save_artifact(job / "attempt-1", "self_edits.json", {"n": 1})
+    save_artifact(job / "attempt-2", "self_edits.json", {"n": 2})
+    assert load_artifact(job / "attempt-3", "self_edits.json") == {"n": 2}
+    assert load_artifact(job / "attempt-1", "self_edits.json") == {"n": 1}
+    assert load_artifact(job / "attempt-3", "missing.json") is None
+
+
+# -- stages on a real database and registry ---------------------------------------------------
+
+
+class ScriptedGateway:
+    """Answers chat calls from a function of (model, user text); records every call."""
+
+    def __init__(self, answer: Callable[[str, str], str]) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, str, int]] = []
+
+    async def chat(self, model: str, messages: Sequence[dict[str, str]], **kw: Any) -> list[str]:
+        n = int(kw.get("n", 1))
+        self.calls.append((model, messages[-1]["content"], n))
+        return [self.answer(model, messages[-1]["content"]) for _ in range(n)]
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class StageCtx:
+    """A minimal StageContext: real SQLite and registry, scripted gateway, events in a list."""
+
+    job_id: str
+    namespace: str
+    settings: Settings
+    artifacts_dir: Path
+    sessionmaker: async_sessionmaker[AsyncSession]
+    registry: AdapterRegistry
+    gateway: Any
+    attempt: int = 1
+    events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    async def documents(self) -> list[Document]:
+        async with self.sessionmaker() as s:
+            job = await s.get(AdaptationJob, self.job_id)
+            assert job is not None
+            rows = (
+                await s.scalars(select(Document).where(Document.id.in_(job.document_ids)))
+            ).all()
+            return list(rows)
+
+    async def event(self, kind: str, message: str, **data: Any) -> None:
+        self.events.append((kind, message, data))
+
+    async def progress(self, stage: str, fraction: float) -> None:
+        self.events.append(("progress", stage, {"fraction": fraction}))
+
+    async def check_fence(self) -> None:
+        return None
+
+    @asynccontextmanager
+    async def fenced(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessionmaker() as session, session.begin():
+            yield session
+
+
+@pytest.fixture
+async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    async with migrated_db("sqlite", tmp_path) as (_engine, sessionmaker):
+        pipeline = PipelineSettings(batch_window_s=0, anchor_fraction=0.0)
+        settings = Settings(data_dir=tmp_path / "data", pipeline=pipeline)
+        registry = AdapterRegistry(
+            sessionmaker, BlobStore(tmp_path / "blobs"), None, base_model="test-base"
+        )
+
+        async def make(gateway: Any, *docs: DocumentInput, attempt: int = 1) -> StageCtx:
+            ingest = IngestService(sessionmaker, None, settings.pipeline)
+            result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
+            assert result.job_id is not None
+            return StageCtx(
+                job_id=result.job_id,
+                namespace="acme",
+                settings=settings,
+                artifacts_dir=settings.data_dir / "jobs" / result.job_id / f"attempt-{attempt}",
+                sessionmaker=sessionmaker,
+                registry=registry,
+                gateway=gateway,
+                attempt=attempt,
+            )
+
+        yield make
+
+
+def _scripted(model: str, prompt: str) -> str:
+    if prompt.startswith("Passage:"):  # probe generation
+        return "Q: Which port city is on Tamsk?\nA: Olverhaven\nQ: Who rules?\nA: King Zorp"
+    if "questions and answers" in prompt:
+        return "Question 1: What is Tamsk?\nAnswer 1: Tamsk is the largest island."
+    if "own words" in prompt:
+        return prompt  # a copy of the prompt: filtered
+    return "Tamsk is the largest island of the Grelvin Archipelago.\nBrisk is a purple grain."
+
+
+async def test_self_edit_stage_stores_rows_once(stage_env: Callable[..., Any]) -> None:
+    gateway = ScriptedGateway(_scripted)
+    ctx = await stage_env(gateway, DocumentInput(text=TEXT, param="d0", title=TITLE))
+    docs = [as_doc(row) for row in await ctx.documents()]
+    samples = await synthesize.self_edit_stage(ctx, docs)
+    assert [(s.format, s.reason) for s in samples] == [
+        ("implications", None),
+        ("rewrite", "prompt_copy"),
+        ("self_qa", None),
+    ]
+    assert {model for model, _, _ in gateway.calls} == {"base"}  # no acme-policy adapter
+    # A retry (same job, next attempt) reuses the artifact and the rows: no new calls or rows.
+    retry = StageCtx(**{**ctx.__dict__, "attempt": 2, "events": []})
+    retry.artifacts_dir = ctx.artifacts_dir.parent / "attempt-2"
+    again = await synthesize.self_edit_stage(retry, docs)
+    assert [s.id for s in again] == [s.id for s in samples]
+    assert len(gateway.calls) == 3
+    async with ctx.sessionmaker() as s:
+        rows = (await s.scalars(select(SelfEdit).where(SelfEdit.job_id == ctx.job_id))).all()
+    assert [(r.format, r.kept) for r in rows] == [
+        ("implications", True),
+        ("rewrite", False),
+        ("self_qa", True),
+    ]
+
+
+async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., Any]) -> None:
+    gateway = ScriptedGateway(_scripted)
+    given = DocumentInput(
+        text="Vorn is a moon of Kesh.", param="d1", title="Vorn", probes=[("What is Vorn?", "moon")]
+    )
+    ctx = await stage_env(gateway, DocumentInput(text=TEXT, param="d0", title=TITLE), given)
+    docs = [as_doc(row) for row in await ctx.documents()]
+    out = await probes.probe_stage(ctx, docs)
+    assert out[0].probes == (
+        Probe("Which port city is on Tamsk?", "Olverhaven", "generated", TITLE),
+    )
+    assert out[1].probes == (Probe("What is Vorn?", "moon", "given", "Vorn"),)
+    async with ctx.sessionmaker() as s:
+        stored = await s.get(Document, docs[0].id)
+        assert stored is not None
+        assert stored.probes == [
+            {
+                "question": "Which port city is on Tamsk?",
+                "answer": "Olverhaven",
+                "source": "generated",
+            }
+        ]
+
+
+async def test_train_stage_registers_once_per_job(
+    stage_env: Callable[..., Any], fact_adapters: dict[str, Path]
+) -> None:
+    ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
+    docs = [as_doc(row) for row in await ctx.documents()]
+    # An earlier attempt trained the adapter (here: a stand-in) before the worker died.
+    earlier = ctx.artifacts_dir.parent / "attempt-0"
+    shutil.copytree(fact_adapters["zorb"], earlier / "adapter-fresh")
+    save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
+    first = await train.train_stage(ctx, docs, [], [], parent=None, mode="fresh")
+    again = await train.train_stage(ctx, docs, [], [], parent=None, mode="fresh")
+    assert again == first
+    versions = await ctx.registry.list_versions("acme")
+    assert [(v.version, v.status, v.job_id) for v in versions] == [
+        (1, AdapterStatus.candidate, ctx.job_id)
+    ]
+    assert (versions[0].note or "").startswith("fresh:")

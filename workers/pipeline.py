@@ -1,0 +1,150 @@
+"""The adaptation pipeline: self_edit -> probes -> train -> evaluate -> gate, for one job attempt.
+
+The worker runtime (workers/runner.py) claims the job, builds a StageContext and awaits
+`run_pipeline(ctx)`. Every stage is idempotent: its output is a JSON artifact under
+`ctx.artifacts_dir` (reused by later attempts of the same job), and registry writes are keyed
+by the job id and made inside `ctx.fenced()`, so a stale attempt can never register or
+promote, and a retry finds the version an earlier attempt committed instead of adding one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.settings import Settings
+from workers.tasks import evaluate, history, probes, promote, synthesize, train
+from workers.tasks.common import DocumentRow, as_doc
+
+if TYPE_CHECKING:
+    from adapters_store.registry import AdapterRegistry
+    from workers.gateway_client import GatewayClient
+
+logger = logging.getLogger(__name__)
+
+
+class StageContext(Protocol):
+    """What the stages need from the worker runtime (implemented by workers.context)."""
+
+    job_id: str
+    attempt: int
+    namespace: str
+    settings: Settings
+    artifacts_dir: Path
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+    @property
+    def registry(self) -> AdapterRegistry: ...
+
+    @property
+    def gateway(self) -> GatewayClient: ...
+
+    async def documents(self) -> Sequence[DocumentRow]: ...
+
+    async def event(self, kind: str, message: str, **data: Any) -> None: ...
+
+    async def progress(self, stage: str, fraction: float) -> None: ...
+
+    async def check_fence(self) -> None: ...
+
+    def fenced(self) -> AbstractAsyncContextManager[AsyncSession]: ...
+
+
+@dataclass
+class PipelineResult:
+    """The job's outcome: the gate's decision, why, the candidate version and all scores."""
+
+    decision: str  # promoted | rejected | pending_review
+    reasons: list[str]
+    version_id: int | None
+    scores: dict[str, Any] | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Seconds per stage, reported in the result and as events."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._stage: str | None = None
+        self._t0 = 0.0
+
+    def start(self, stage: str) -> None:
+        self.stop()
+        self._stage, self._t0 = stage, time.monotonic()
+
+    def stop(self) -> None:
+        if self._stage is not None:
+            elapsed = time.monotonic() - self._t0
+            self.timings[self._stage] = round(self.timings.get(self._stage, 0.0) + elapsed, 2)
+            self._stage = None
+
+
+async def run_pipeline(ctx: StageContext) -> PipelineResult:
+    """Runs every stage of one attempt and returns the gate's decision.
+
+    Raises:
+        ValueError: the job has no documents.
+        StaleAttempt / JobCancelled (from the context): the attempt must stop.
+    """
+    clock = _Clock()
+    docs = [as_doc(row) for row in await ctx.documents()]
+    if not docs:
+        raise ValueError(f"job {ctx.job_id} has no documents")
+    logger.info("job %s: %d document(s) for %s", ctx.job_id, len(docs), ctx.namespace)
+
+    clock.start("self_edit")
+    await ctx.progress("self_edit", 0.0)
+    edits = await synthesize.self_edit_stage(ctx, docs)
+
+    clock.start("probes")
+    await ctx.progress("probes", 0.0)
+    docs = await probes.probe_stage(ctx, docs)
+
+    clock.start("train")
+    await ctx.progress("train", 0.0)
+    learned = await history.namespace_history(ctx, exclude=[d.id for d in docs])
+    champion = await history.current_champion(ctx)
+    mode: train.Mode = "incremental" if champion is not None else "fresh"
+    candidate = await train.train_stage(ctx, docs, edits, learned, parent=champion, mode=mode)
+
+    clock.start("evaluate")
+    await ctx.progress("evaluate", 0.0)
+    sets = evaluate.build_eval_sets(ctx, docs, learned)
+    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, champion=champion)
+
+    if champion is not None and ctx.settings.pipeline.consolidate:
+        broken = promote.retention_broken(scores, await promote.gate_settings(ctx))
+        if broken:
+            await ctx.event("log", f"retention budget broken ({broken}); consolidating", mode=mode)
+            clock.start("consolidate")
+            await ctx.progress("train", 0.0)
+            superseded = candidate
+            candidate = await train.train_stage(
+                ctx, docs, edits, learned, parent=champion, mode="consolidate"
+            )
+            await ctx.progress("evaluate", 0.0)
+            scores = await evaluate.evaluate_stage(
+                ctx, sets, candidate=candidate, champion=champion, previous=scores
+            )
+            await promote.retire(ctx, superseded, reason="superseded by consolidation")
+
+    clock.start("gate")
+    await ctx.progress("gate", 0.0)
+    result = await promote.gate_stage(ctx, candidate, scores, champion=champion)
+    clock.stop()
+    await ctx.event("metric", "stage seconds", **clock.timings)
+    return PipelineResult(
+        decision=result.decision,
+        reasons=result.reasons,
+        version_id=candidate.version_id,
+        scores={**evaluate.without_answers(scores), "timings": clock.timings},
+        timings=clock.timings,
+    )

@@ -1,0 +1,1 @@
+"""Pipeline stages: self-edits, probes, training, evaluation and the promotion gate."""

@@ -1,0 +1,219 @@
+"""Evaluate stage: no-context QA through the gateway with each model pinned (base, champion,
+candidate) on the new documents' probes, a retention sample of earlier probes and the guard set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.metrics import QAScore, score_answers
+from workers.tasks.common import Doc, load_artifact, qa_messages, save_artifact
+
+if TYPE_CHECKING:
+    from adapters_store.registry import ResolvedVersion
+    from app.settings import Settings
+    from workers.gateway_client import GatewayClient
+    from workers.pipeline import StageContext
+    from workers.tasks.history import LearnedDoc
+    from workers.tasks.train import Candidate
+
+logger = logging.getLogger(__name__)
+
+GUARD_FILE = Path(__file__).resolve().parents[2] / "app" / "data" / "guard_qa.jsonl"
+SETS = ("new", "retention", "guard")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question asked without its document."""
+
+    title: str
+    question: str
+    answers: tuple[str, ...]
+
+
+def guard_path(settings: Settings) -> Path:
+    return settings.pipeline.guard_path or GUARD_FILE
+
+
+def load_guard(path: Path) -> list[EvalItem]:
+    """The guard QA set: JSONL of {title, question, answers: [...]} (or answer: str)."""
+    items = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            answers = row.get("answers") or [row["answer"]]
+            items.append(EvalItem(row.get("title", ""), row["question"], tuple(answers)))
+    return items
+
+
+def probe_items(docs: Sequence[Doc]) -> list[EvalItem]:
+    return [EvalItem(d.title, p.question, (p.answer,)) for d in docs for p in d.probes]
+
+
+def build_eval_sets(
+    ctx: StageContext, docs: Sequence[Doc], history: Sequence[LearnedDoc]
+) -> dict[str, list[EvalItem]]:
+    """new: this job's probes; retention: a seeded sample of earlier probes; guard."""
+    earlier = probe_items([h.doc for h in history])
+    n = min(ctx.settings.pipeline.retention_sample, len(earlier))
+    retention = random.Random(ctx.job_id).sample(earlier, n) if n else []
+    return {
+        "new": probe_items(docs),
+        "retention": retention,
+        "guard": load_guard(guard_path(ctx.settings)),
+    }
+
+
+async def answer_all(
+    gateway: GatewayClient,
+    model: str,
+    items: Sequence[EvalItem],
+    *,
+    max_tokens: int,
+    limit: asyncio.Semaphore,
+) -> list[str]:
+    """Greedy answers of ``model`` to every item (concurrent; the engine batches them)."""
+
+    async def one(item: EvalItem) -> str:
+        async with limit:
+            texts = await gateway.chat(
+                model, qa_messages(item.title, item.question), temperature=0.0,
+                max_tokens=max_tokens,
+            )  # fmt: skip
+            return texts[0]
+
+    return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+async def _score(
+    ctx: StageContext,
+    model: str,
+    sets: dict[str, list[EvalItem]],
+    names: Sequence[str],
+    limit: asyncio.Semaphore,
+) -> dict[str, Any]:
+    max_tokens = ctx.settings.pipeline.eval_max_tokens
+    answers = await asyncio.gather(
+        *(
+            answer_all(ctx.gateway, model, sets[n], max_tokens=max_tokens, limit=limit)
+            for n in names
+        )
+    )
+    out: dict[str, Any] = {"model": model}
+    for name, preds in zip(names, answers, strict=True):
+        score = score_answers((p, i.answers) for p, i in zip(preds, sets[name], strict=True))
+        out[name] = score.as_dict()
+        out.setdefault("answers", {})[name] = preds
+    return out
+
+
+async def evaluate_stage(
+    ctx: StageContext,
+    sets: dict[str, list[EvalItem]],
+    *,
+    candidate: Candidate,
+    champion: ResolvedVersion | None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Scores candidate, champion and base; stores them on the candidate version.
+
+    The champion's guard score comes from its own evaluation when stored; the base's guard
+    score is cached per base model and guard set; ``previous`` (the scores of a superseded
+    candidate of this job) supplies base and champion scores unchanged.
+    """
+    artifact = f"evaluate-v{candidate.version}.json"
+    cached = load_artifact(ctx.artifacts_dir, artifact)
+    if cached is not None:
+        return dict(cached)
+    limit = asyncio.Semaphore(ctx.settings.pipeline.eval_concurrency)
+    base_name = ctx.settings.engine.served_model_name
+    runs: dict[str, Any] = {"candidate": _score(ctx, candidate.name, sets, SETS, limit)}
+    known: dict[str, dict[str, Any]] = {}
+    guard_cache = _base_guard_cache(ctx, sets["guard"])
+    if previous is not None:
+        known = {"base": previous["base"], "champion": previous["champion"]}
+    else:
+        base_sets = ["new", "retention"]
+        if guard_cache.is_file():
+            known["base"] = {"guard": json.loads(guard_cache.read_text())}
+        else:
+            base_sets.append("guard")
+        runs["base"] = _score(ctx, base_name, sets, base_sets, limit)
+        if champion is not None:
+            stored = await _stored_guard(ctx, champion, len(sets["guard"]))
+            champion_sets = ["new", "retention"] if stored else list(SETS)
+            known["champion"] = {"guard": stored} if stored else {}
+            runs["champion"] = _score(ctx, champion.name, sets, champion_sets, limit)
+    results = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
+    for who, extra in known.items():
+        results[who] = {**extra, **results.get(who, {})}
+    if previous is None and not guard_cache.is_file():
+        save_artifact(guard_cache.parent, guard_cache.name, results["base"]["guard"])
+    scores = {
+        "metrics": {
+            "gate": ctx.settings.pipeline.gate_metric,
+            "guard": ctx.settings.pipeline.guard_metric,
+        },
+        "mode": candidate.mode,
+        "candidate": results["candidate"],
+        "champion": results.get("champion"),
+        "base": results["base"],
+    }
+    for who in ("candidate", "champion", "base"):
+        if (row := scores.get(who)) is not None:
+            await ctx.event("metric", f"{who} {row['model']}: {_summary(row)}", who=who,
+                            **{k: row.get(k) for k in SETS})  # fmt: skip
+    async with ctx.fenced():
+        await ctx.registry.set_scores(candidate.version_id, without_answers(scores))
+    save_artifact(ctx.artifacts_dir, artifact, scores)
+    return scores
+
+
+def _summary(row: dict[str, Any]) -> str:
+    parts = []
+    for name in SETS:
+        if isinstance(row.get(name), dict) and row[name].get("n"):
+            s = QAScore.from_dict(row[name])
+            parts.append(f"{name} f1={s.f1:.3f} em={s.em:.2f} contains={s.contains:.2f} n={s.n}")
+    return "; ".join(parts) or "no questions"
+
+
+def without_answers(scores: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if isinstance(v, dict) else v)
+        for k, v in scores.items()
+    }
+
+
+def _base_guard_cache(ctx: StageContext, items: list[EvalItem]) -> Path:
+    """Where the base model's guard score is cached: it is constant for one base model,
+    guard set and answer length."""
+    payload = [
+        ctx.registry.base_model,
+        ctx.settings.pipeline.eval_max_tokens,
+        [(i.title, i.question, i.answers) for i in items],
+    ]
+    key = hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+    return ctx.settings.data_dir / "cache" / f"guard-base-{key}.json"
+
+
+async def _stored_guard(
+    ctx: StageContext, champion: ResolvedVersion, n: int
+) -> dict[str, Any] | None:
+    """The champion's guard score from its own evaluation, when it used this guard set."""
+    try:
+        row = await ctx.registry.get_version_by_id(champion.version_id)
+    except Exception:  # stored scores are an optimisation; measuring is always correct
+        logger.warning("cannot read the scores of %s", champion.name, exc_info=True)
+        return None
+    stored = ((row.scores or {}).get("candidate") or {}).get("guard")
+    return stored if isinstance(stored, dict) and stored.get("n") == n else None

@@ -1,0 +1,147 @@
+"""Gate stage: promote a candidate that learned the new documents without forgetting, reject
+it otherwise (with the numbers), or leave it for review when the namespace says so."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from adapters_store.models import AdapterStatus, NamespaceSettings
+from workers.tasks.common import ACTOR
+
+if TYPE_CHECKING:
+    from adapters_store.registry import ResolvedVersion
+    from workers.pipeline import StageContext
+    from workers.tasks.train import Candidate
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-9
+"""Scores are means over few questions: 1.0 - 0.95 must not count as more than 0.05."""
+
+
+@dataclass
+class GateResult:
+    decision: str  # promoted | rejected | pending_review
+    reasons: list[str] = field(default_factory=list)
+    passed: bool = False
+
+
+async def gate_settings(ctx: StageContext) -> NamespaceSettings:
+    namespace = await ctx.registry.get_namespace(ctx.namespace)
+    return namespace.gate
+
+
+def _value(row: dict[str, Any] | None, name: str, metric: str) -> tuple[float, int]:
+    scores = (row or {}).get(name) or {}
+    return float(scores.get(metric, 0.0)), int(scores.get("n", 0))
+
+
+def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
+    """Why the candidate forgot too much of what the champion knew, or None."""
+    metric = scores["metrics"]["gate"]
+    champion, candidate = scores.get("champion"), scores["candidate"]
+    if champion is None:
+        return None
+    before, n = _value(champion, "retention", metric)
+    after, _ = _value(candidate, "retention", metric)
+    if n and before - after > gate.max_forgetting + EPS:
+        return (
+            f"retention {metric} fell from {before:.3f} to {after:.3f} "
+            f"(> max_forgetting {gate.max_forgetting}) on {n} earlier probes"
+        )
+    return None
+
+
+def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
+    """The gate, as a pure function of the scores and the namespace's thresholds.
+
+    New knowledge: the candidate's score on the new probes must beat the champion's (the
+    base's for a first version) by more than 0 and by at least ``min_gain``. Retention: at
+    most ``max_forgetting`` lost on earlier probes relative to the champion. Guard: at most
+    ``max_forgetting`` lost relative to the base model (so drift cannot add up over versions).
+    """
+    metric, guard_metric = scores["metrics"]["gate"], scores["metrics"]["guard"]
+    candidate, base = scores["candidate"], scores["base"]
+    reference = scores.get("champion") or base
+    ref_name = reference.get("model", "base")
+    reasons: list[str] = []
+    ok = True
+    new_after, n_new = _value(candidate, "new", metric)
+    new_before, _ = _value(reference, "new", metric)
+    gain = new_after - new_before
+    if n_new == 0:
+        ok = False
+        reasons.append("no probes: new knowledge cannot be measured")
+    elif gain <= EPS or gain < gate.min_gain - EPS:
+        ok = False
+        reasons.append(
+            f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
+            f"gain {gain:+.3f} below min_gain {gate.min_gain} (must be > 0)"
+        )
+    else:
+        reasons.append(
+            f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
+            f"gain {gain:+.3f} >= min_gain {gate.min_gain}"
+        )
+    broken = retention_broken(scores, gate)
+    if broken:
+        ok = False
+        reasons.append(broken)
+    elif scores.get("champion") is not None:
+        before, n = _value(reference, "retention", metric)
+        after, _ = _value(candidate, "retention", metric)
+        reasons.append(f"retention {metric} {after:.3f} vs {before:.3f} on {n} earlier probes")
+    guard_before, n_guard = _value(base, "guard", guard_metric)
+    guard_after, _ = _value(candidate, "guard", guard_metric)
+    drop = guard_before - guard_after
+    too_much = drop > gate.max_forgetting + EPS
+    verdict = ">" if too_much else "<="
+    reasons.append(
+        f"guard {guard_metric} {guard_after:.3f} vs base {guard_before:.3f} on {n_guard} "
+        f"questions: drop {drop:+.3f} {verdict} max_forgetting {gate.max_forgetting}"
+    )
+    if too_much:
+        ok = False
+    if not ok:
+        return GateResult("rejected", reasons, passed=False)
+    if not gate.auto_promote:
+        reasons.append("auto_promote is off: waiting for an admin")
+        return GateResult("pending_review", reasons, passed=True)
+    return GateResult("promoted", reasons, passed=True)
+
+
+async def gate_stage(
+    ctx: StageContext,
+    candidate: Candidate,
+    scores: dict[str, Any],
+    *,
+    champion: ResolvedVersion | None,
+) -> GateResult:
+    """Applies the gate and acts on it inside the fence (promote / mark rejected)."""
+    result = decide(scores, await gate_settings(ctx))
+    summary = "; ".join(result.reasons)
+    async with ctx.fenced():
+        if result.decision == "promoted":
+            await ctx.registry.promote(
+                ctx.namespace, candidate.version, ACTOR, reason=f"job {ctx.job_id}: {summary}"
+            )
+        elif result.decision == "rejected":
+            await ctx.registry.set_status(candidate.version_id, AdapterStatus.rejected, ACTOR)
+    logger.info("job %s: %s %s (%s)", ctx.job_id, result.decision, candidate.name, summary)
+    await ctx.event(
+        "metric",
+        f"gate: {result.decision} {candidate.name}",
+        decision=result.decision,
+        reasons=result.reasons,
+        champion=champion.name if champion is not None else None,
+    )
+    return result
+
+
+async def retire(ctx: StageContext, candidate: Candidate, *, reason: str) -> None:
+    """Marks a candidate of this job that will not be gated (e.g. replaced by consolidation)."""
+    async with ctx.fenced():
+        await ctx.registry.set_status(candidate.version_id, AdapterStatus.rejected, ACTOR)
+    await ctx.event("log", f"{candidate.name} rejected: {reason}", version_id=candidate.version_id)

@@ -1,0 +1,263 @@
+"""Train stage: PEFT LoRA SFT on the job's documents + self-edits (+ replay), registered as a
+candidate keyed by the job id (incremental from the champion, fresh, or consolidated)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from app.errors import NotFound
+from workers.tasks.anchors import anchor_pairs, sample_anchors
+from workers.tasks.common import ACTOR, Doc, load_artifact, save_artifact
+from workers.tasks.history import LearnedDoc
+from workers.tasks.synthesize import SelfEditSample
+from workers.training.datasets import DocumentData, TrainingSet, build_training_set, plan_steps
+
+if TYPE_CHECKING:
+    from adapters_store.registry import ResolvedVersion
+    from workers.pipeline import StageContext
+    from workers.training.peft_trainer import LoRAHyper, TrainExample, TrainResult
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["fresh", "incremental", "consolidate"]
+PROGRESS_EVERY_S = 1.0
+
+
+class TrainingStopped(RuntimeError):
+    """The attempt was told to stop (lease lost, cancelled, worker stopping)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The registered output of the train stage."""
+
+    version_id: int
+    version: int
+    name: str  # "acme@v3": how the gateway serves it pinned
+    mode: str
+
+
+def training_set(
+    ctx: StageContext,
+    docs: Sequence[Doc],
+    edits: Sequence[SelfEditSample],
+    history: Sequence[LearnedDoc],
+    mode: Mode,
+) -> TrainingSet:
+    """Incremental: new + replay; fresh: new only; consolidate: everything, from the base."""
+    settings = ctx.settings.pipeline
+    kept: dict[str, list[str]] = {}
+    for edit in edits:
+        if edit.kept:
+            kept.setdefault(edit.document_id, []).append(edit.text)
+    new = [DocumentData(d.title, d.text, tuple(kept.get(d.id, ()))) for d in docs]
+    earlier = [DocumentData(h.doc.title, h.doc.text, h.self_edits) for h in history]
+    if mode == "consolidate":
+        new, earlier = earlier + new, []
+    return build_training_set(
+        new,
+        earlier if mode == "incremental" else [],
+        replay_fraction=settings.replay_fraction,
+        sentences=settings.sentence_sequences,
+        seed=ctx.job_id,
+    )
+
+
+def hyper_for(ctx: StageContext, n_sequences: int, mode: Mode) -> LoRAHyper:
+    from workers.training.peft_trainer import LoRAHyper
+
+    s = ctx.settings.pipeline
+    cap = s.consolidate_max_steps if mode == "consolidate" else s.max_steps
+    steps = plan_steps(
+        n_sequences, epochs=s.epochs, batch_size=s.batch_size, steps=s.steps, max_steps=cap
+    )
+    return LoRAHyper(
+        rank=s.rank,
+        alpha=s.alpha,
+        target_modules=tuple(s.targets),
+        lr=s.lr,
+        steps=steps,
+        batch_size=s.batch_size,
+        max_len=s.max_seq_len,
+        seed=s.seed,
+    )
+
+
+async def train_stage(
+    ctx: StageContext,
+    docs: Sequence[Doc],
+    edits: Sequence[SelfEditSample],
+    history: Sequence[LearnedDoc],
+    *,
+    parent: ResolvedVersion | None,
+    mode: Mode,
+) -> Candidate:
+    """Trains (or reuses) this job's adapter for ``mode`` and registers it once."""
+    existing = await _job_version(ctx, mode)
+    if existing is not None:
+        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
+        return existing
+    data = training_set(ctx, docs, edits, history, mode)
+    anchors: list[tuple[str, str]] = []
+    if ctx.settings.pipeline.anchor_fraction > 0:
+        anchors = sample_anchors(
+            await anchor_pairs(ctx),
+            len(data.sequences),
+            ctx.settings.pipeline.anchor_fraction,
+            seed=ctx.job_id,
+        )
+    adapter_dir = await _trained_adapter(ctx, data, anchors, parent=parent, mode=mode)
+    lineage = {
+        "job_id": ctx.job_id,
+        "mode": mode,
+        "parent": parent.name if parent is not None else None,
+        "documents": [d.id for d in docs],
+        "replayed_documents": [h.doc.id for h in history] if mode != "fresh" else [],
+        "self_edits": [e.id for e in edits if e.kept and e.id is not None],
+        "sequences": {**data.sources, "anchors": len(anchors)},
+    }
+    (adapter_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    async with ctx.fenced():
+        # Re-checked under the fence: an attempt that lost its lease never gets here.
+        existing = await _job_version(ctx, mode)
+        if existing is not None:
+            return existing
+        row = await ctx.registry.register_version(
+            ctx.namespace,
+            adapter_dir,
+            ACTOR,
+            parent_version=parent.version if parent is not None and mode != "consolidate" else None,
+            job_id=ctx.job_id,
+            note=f"{mode}: job {ctx.job_id}, {len(docs)} document(s)",
+        )
+    candidate = Candidate(row.id, row.version, row.name, mode)
+    await ctx.event("log", f"registered candidate {row.name}", version_id=row.id, **lineage)
+    return candidate
+
+
+async def _job_version(ctx: StageContext, mode: str) -> Candidate | None:
+    try:
+        versions = await ctx.registry.list_versions(ctx.namespace)
+    except NotFound:
+        return None
+    for v in versions:
+        if v.job_id == ctx.job_id and (v.note or "").startswith(f"{mode}:"):
+            return Candidate(v.id, v.version, v.name, mode)
+    return None
+
+
+async def _trained_adapter(
+    ctx: StageContext,
+    data: TrainingSet,
+    anchors: Sequence[tuple[str, str]],
+    *,
+    parent: ResolvedVersion | None,
+    mode: Mode,
+) -> Path:
+    """The adapter folder: an earlier attempt's finished one, else a new training run."""
+    artifact = f"train-{mode}.json"
+    cached = load_artifact(ctx.artifacts_dir, artifact)
+    if cached is not None and (Path(cached["adapter_dir"]) / "adapter_config.json").is_file():
+        await ctx.event("log", f"reusing the {mode} adapter trained by an earlier attempt")
+        return Path(cached["adapter_dir"])
+    init_dir = None
+    if mode == "incremental" and parent is not None:
+        init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
+    out_dir = ctx.artifacts_dir / f"adapter-{mode}"
+    from workers.training.peft_trainer import ChatExample, TextExample
+
+    examples: list[TrainExample] = [TextExample(s) for s in data.sequences]
+    examples.extend(ChatExample(user, answer) for user, answer in anchors)
+    hyper = hyper_for(ctx, len(examples), mode)
+    await ctx.event(
+        "log",
+        f"training ({mode}): {len(data.sequences)} sequences + {len(anchors)} anchors, "
+        f"{hyper.steps} steps",
+        mode=mode,
+        init=parent.name if parent is not None and init_dir is not None else "base",
+        steps=hyper.steps,
+        anchors=len(anchors),
+        **data.sources,
+    )
+    result = await _run_training(ctx, examples, out_dir, hyper, init_dir)
+    save_artifact(
+        ctx.artifacts_dir,
+        artifact,
+        {"adapter_dir": out_dir, "steps": result.steps, "loss": result.final_loss,
+         "seconds": result.seconds},
+    )  # fmt: skip
+    await ctx.event(
+        "metric",
+        f"trained {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.3f}",
+        steps=result.steps,
+        final_loss=result.final_loss,
+        seconds=result.seconds,
+    )
+    return out_dir
+
+
+async def _run_training(
+    ctx: StageContext,
+    examples: Sequence[TrainExample],
+    out_dir: Path,
+    hyper: LoRAHyper,
+    init_dir: Path | None,
+) -> TrainResult:
+    """train_lora in a thread (the event loop keeps heartbeating the lease), with losses and
+    progress reported from the loop; a stop request ends training at the next step."""
+    import shutil
+
+    from workers.training.peft_trainer import train_lora
+
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+    stop = threading.Event()
+    external: threading.Event | None = getattr(ctx, "stop_requested", None)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        if stop.is_set() or (external is not None and external.is_set()):
+            raise TrainingStopped("training stopped: the attempt was told to stop")
+        loop.call_soon_threadsafe(steps.put_nowait, (step, total, loss))
+
+    from app.model_prep import resolve_model_dir
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
+    base_dir = await asyncio.to_thread(resolve_model_dir, ctx.settings, progress=False)
+    task = asyncio.create_task(
+        asyncio.to_thread(
+            train_lora, base_dir, examples, out_dir, hyper, init_adapter_dir=init_dir,
+            on_step=on_step,
+        )
+    )  # fmt: skip
+    try:
+        await _report(ctx, task, steps)
+        return await task
+    except BaseException:
+        stop.set()
+        raise
+
+
+async def _report(
+    ctx: StageContext, task: asyncio.Future[Any], steps: asyncio.Queue[tuple[int, int, float]]
+) -> None:
+    last = 0.0
+    while not task.done() or not steps.empty():
+        try:
+            step, total, loss = await asyncio.wait_for(steps.get(), timeout=0.5)
+        except TimeoutError:
+            continue
+        every = max(1, total // 10)
+        if step % every == 0 or step == total:
+            await ctx.event("loss", f"step {step}/{total} loss {loss:.4f}", step=step, loss=loss)
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S or step == total:
+            last = now
+            await ctx.progress("train", step / total)
