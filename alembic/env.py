@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
 from adapters_store import models as adapters_models  # noqa: F401  (registry tables)
-from alembic import context
 from app.db import jobs as pipeline_models  # noqa: F401  (pipeline tables)
 from app.db import models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db.base import Base

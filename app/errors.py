@@ -144,8 +144,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    body = error_body("The server had an error processing your request.", type_="server_error",
-                      code="internal_error")
+    body = error_body(
+        "The server had an error processing your request.",
+        type_="server_error",
+        code="internal_error",
+    )
     return JSONResponse(body, status_code=500)
 
 

@@ -130,7 +130,9 @@ def create_app(settings: Settings | None = None, *, engine: EngineClient | None 
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, Any]]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate.upgrade, settings)
-        eng = engine or await asyncio.to_thread(_default_engine, settings)
+        eng: EngineClient = (
+            engine if engine is not None else await asyncio.to_thread(_default_engine, settings)
+        )
         metrics = Metrics()
         metrics.bind_engine_queue(eng.queue_depth)
         state = _build_state(settings, eng, metrics)

@@ -15,16 +15,24 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "selfadapt_requests", "Inference requests by outcome",
-            ["model", "endpoint", "status"], registry=r,
+            "selfadapt_requests",
+            "Inference requests by outcome",
+            ["model", "endpoint", "status"],
+            registry=r,
         )
         self.latency = Histogram(
-            "selfadapt_request_latency_seconds", "Request latency (arrival to last token)",
-            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r,
+            "selfadapt_request_latency_seconds",
+            "Request latency (arrival to last token)",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "selfadapt_time_to_first_token_seconds", "Arrival to first generated token",
-            ["model", "endpoint"], buckets=TTFT_BUCKETS, registry=r,
+            "selfadapt_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            ["model", "endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "selfadapt_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
@@ -39,7 +47,8 @@ class Metrics:
             "selfadapt_engine_queue_depth", "Unfinished requests inside the engine", registry=r
         )
         self.rejected = Counter(
-            "selfadapt_requests_rejected", "Requests refused because the queue was full",
+            "selfadapt_requests_rejected",
+            "Requests refused because the queue was full",
             registry=r,
         )
 

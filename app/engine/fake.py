@@ -64,8 +64,12 @@ class FakeEngine:
                 last = i == options.max_tokens - 1
                 yield EngineStep(
                     choices=[
-                        ChoiceDelta(index=c, text=f"tok{i} ", num_tokens=1,
-                                    finish_reason="length" if last else None)
+                        ChoiceDelta(
+                            index=c,
+                            text=f"tok{i} ",
+                            num_tokens=1,
+                            finish_reason="length" if last else None,
+                        )
                         for c in range(options.n)
                     ],
                     finished=last,

@@ -172,8 +172,9 @@ class LocalEngine:
                     finished=out.finished,
                 )
         except GracefulHTTPError as e:
-            raise EngineUnavailable(e.message, code="engine_busy",
-                                    headers={"Retry-After": "1"}) from e
+            raise EngineUnavailable(
+                e.message, code="engine_busy", headers={"Retry-After": "1"}
+            ) from e
         except VLLMClientError as e:
             raise InvalidRequest(str(e), param=getattr(e, "parameter", None)) from e
         except EngineDeadError as e:

@@ -123,7 +123,10 @@ class ChatService:
             return
         if include_usage:
             usage = ChatCompletionChunk(
-                id=gen.request_id, created=created, model=gen.model, choices=[],
+                id=gen.request_id,
+                created=created,
+                model=gen.model,
+                choices=[],
                 usage=gen.usage(),
             )
             yield f"data: {usage.model_dump_json()}\n\n"

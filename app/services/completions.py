@@ -44,7 +44,7 @@ class CompletionService:
             return [list(p)]  # type: ignore[arg-type]
         if all(isinstance(x, str) for x in p):
             return [self._gen.engine.encode(x) for x in p]  # type: ignore[arg-type]
-        return [list(x) for x in p]  # type: ignore[arg-type, union-attr]
+        return [list(x) for x in p]  # type: ignore[arg-type]
 
     @staticmethod
     def _refuse_unsupported(request: CompletionRequest) -> None:
@@ -124,7 +124,10 @@ class CompletionService:
             return
         if include_usage:
             last = CompletionResponse(
-                id=gen.request_id, created=created, model=gen.model, choices=[],
+                id=gen.request_id,
+                created=created,
+                model=gen.model,
+                choices=[],
                 usage=gen.usage(),
             )
             yield f"data: {last.model_dump_json()}\n\n"

@@ -21,9 +21,7 @@ from tests.conftest import _create_keys
 def settings(tmp_path: Path) -> Settings:
     model = tmp_path / "model"
     model.mkdir()
-    return Settings(
-        data_dir=tmp_path / "data", model=model, engine=EngineSettings(max_queue=2)
-    )
+    return Settings(data_dir=tmp_path / "data", model=model, engine=EngineSettings(max_queue=2))
 
 
 @pytest.fixture
@@ -47,8 +45,12 @@ async def client(
 
 
 def _chat(max_tokens: int = 3, **extra: object) -> dict[str, object]:
-    return {"model": "base", "messages": [{"role": "user", "content": "hi there"}],
-            "max_tokens": max_tokens, **extra}
+    return {
+        "model": "base",
+        "messages": [{"role": "user", "content": "hi there"}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
 async def test_chat_queue_full_is_429_with_retry_after(
@@ -65,7 +67,9 @@ async def test_chat_queue_full_is_429_with_retry_after(
     assert r.status_code == 429
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"] == {
-        "message": r.json()["error"]["message"], "type": "rate_limit_error", "param": None,
+        "message": r.json()["error"]["message"],
+        "type": "rate_limit_error",
+        "param": None,
         "code": "queue_full",
     }
     engine.gate.set()

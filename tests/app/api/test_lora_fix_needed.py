@@ -25,8 +25,12 @@ def test_mixed_batch_without_plugin_leaks_adapter(
     leaked = [
         (question, text)
         for model, question, text in answers
-        if model == "base" and ("Quenmar" in text or "Plimbury" in text or
-                                (question.endswith("France?") and "Paris" not in text))
+        if model == "base"
+        and (
+            "Quenmar" in text
+            or "Plimbury" in text
+            or (question.endswith("France?") and "Paris" not in text)
+        )
     ]
     # If this fails, the installed vLLM fixed index -1: the plugin's probe then stays off.
     assert leaked, answers

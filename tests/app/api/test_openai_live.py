@@ -46,13 +46,14 @@ def test_chat_base_answers_known_fact(gateway: Gateway) -> None:
     assert "Paris" in _ask(_client(gateway), "base", FRANCE)
 
 
-def test_chat_usage_counts_prompt_and_completion_tokens(
-    gateway: Gateway, model_dir: Path
-) -> None:
+def test_chat_usage_counts_prompt_and_completion_tokens(gateway: Gateway, model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     messages = [{"role": "user", "content": FRANCE}]
     r = _client(gateway).chat.completions.create(
-        model="base", messages=messages, max_tokens=7, temperature=0,
+        model="base",
+        messages=messages,
+        max_tokens=7,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -69,8 +70,12 @@ def test_chat_stream_matches_non_stream_and_reports_usage(gateway: Gateway) -> N
     client = _client(gateway)
     full = _ask(client, "base", FRANCE)
     stream = client.chat.completions.create(
-        model="base", messages=[{"role": "user", "content": FRANCE}], temperature=0,
-        max_tokens=24, stream=True, stream_options={"include_usage": True},
+        model="base",
+        messages=[{"role": "user", "content": FRANCE}],
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -81,24 +86,35 @@ def test_chat_stream_matches_non_stream_and_reports_usage(gateway: Gateway) -> N
 
 
 def test_chat_stream_raw_sse_ends_with_done(gateway: Gateway) -> None:
-    body = {"model": "base", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-            "stream": True}
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {gateway.keys[Role.user]}"}
-    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body,
-                      headers=headers, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
-    first = json.loads(events[0][len("data: "):])
+    first = json.loads(events[0][len("data: ") :])
     assert first["object"] == "chat.completion.chunk"
     assert first["choices"][0]["delta"]["role"] == "assistant"
 
 
 def test_chat_logprobs_and_n(gateway: Gateway) -> None:
     r = _client(gateway).chat.completions.create(
-        model="base", messages=[{"role": "user", "content": "Say a word."}], max_tokens=4,
-        n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3,
+        model="base",
+        messages=[{"role": "user", "content": "Say a word."}],
+        max_tokens=4,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        logprobs=True,
+        top_logprobs=3,
     )
     assert [c.index for c in r.choices] == [0, 1]
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
@@ -122,7 +138,9 @@ def test_chat_stop_sequence_ends_output(gateway: Gateway) -> None:
 def test_completions_string_list_and_stream(gateway: Gateway) -> None:
     client = _client(gateway)
     r = client.completions.create(
-        model="base", prompt=["The capital of France is", "One, two,"], max_tokens=5,
+        model="base",
+        prompt=["The capital of France is", "One, two,"],
+        max_tokens=5,
         temperature=0,
     )
     assert len(r.choices) == 2
@@ -132,7 +150,10 @@ def test_completions_string_list_and_stream(gateway: Gateway) -> None:
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
-            model="base", prompt="The capital of France is", max_tokens=5, temperature=0,
+            model="base",
+            prompt="The capital of France is",
+            max_tokens=5,
+            temperature=0,
             stream=True,
         )
         if c.choices
@@ -142,7 +163,11 @@ def test_completions_string_list_and_stream(gateway: Gateway) -> None:
 
 def test_completions_logprobs_shape(gateway: Gateway) -> None:
     r = _client(gateway).completions.create(
-        model="base", prompt="Hello", max_tokens=3, logprobs=2, temperature=0,
+        model="base",
+        prompt="Hello",
+        max_tokens=3,
+        logprobs=2,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     lp = r.choices[0].logprobs
@@ -171,7 +196,9 @@ def test_adapter_answers_fact_base_does_not(gateway: Gateway) -> None:
 
 def test_adapter_response_names_model(gateway: Gateway) -> None:
     raw = _client(gateway).chat.completions.with_raw_response.create(
-        model="zorb", messages=[{"role": "user", "content": ZORBLAT}], max_tokens=4,
+        model="zorb",
+        messages=[{"role": "user", "content": ZORBLAT}],
+        max_tokens=4,
     )
     assert raw.headers["x-selfadapt-model"] == "zorb@v1"
     assert raw.headers["x-selfadapt-adapter"] == "zorb@v1"
@@ -185,7 +212,9 @@ async def mixed_batch_answers(gateway: Gateway) -> list[tuple[str, str, str]]:
 
     async def ask(model: str, question: str) -> tuple[str, str, str]:
         r = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
             max_tokens=24,
         )
         return model, question, r.choices[0].message.content or ""
@@ -270,7 +299,8 @@ def test_bad_sampling_value_is_400(gateway: Gateway, field: str, value: object) 
     if field == "top_logprobs":
         body["logprobs"] = True
     r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions", json=body,
+        f"{gateway.base_url}/v1/chat/completions",
+        json=body,
         headers={"Authorization": f"Bearer {gateway.keys[Role.user]}"},
     )
     assert r.status_code == 400
@@ -281,9 +311,12 @@ def test_bad_sampling_value_is_400(gateway: Gateway, field: str, value: object) 
 
 def test_malformed_json_is_400(gateway: Gateway) -> None:
     r = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions", content=b'{"model": "base", ',
-        headers={"Authorization": f"Bearer {gateway.keys[Role.user]}",
-                 "Content-Type": "application/json"},
+        f"{gateway.base_url}/v1/chat/completions",
+        content=b'{"model": "base", ',
+        headers={
+            "Authorization": f"Bearer {gateway.keys[Role.user]}",
+            "Content-Type": "application/json",
+        },
     )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -301,11 +334,18 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
 
 
 def test_client_disconnect_aborts_stream(gateway: Gateway) -> None:
-    body = {"model": "base", "messages": [{"role": "user", "content": "Count to 1000."}],
-            "max_tokens": 1500, "stream": True, "extra": 1, "ignore_eos": True}
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Count to 1000."}],
+        "max_tokens": 1500,
+        "stream": True,
+        "extra": 1,
+        "ignore_eos": True,
+    }
     headers = {"Authorization": f"Bearer {gateway.keys[Role.user]}"}
-    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=body,
-                      headers=headers, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     # The engine must drop the request: its queue empties long before 1500 tokens are made.
