@@ -139,7 +139,10 @@ class PipelineSettings(BaseModel):
         0.5, ge=0, description="replayed earlier sequences per new sequence"
     )
     anchor_fraction: float = Field(
-        0.5, ge=0, description="base-model answers to general prompts mixed in per sequence"
+        1.0, ge=0, description="base-model answers to general prompts mixed in per sequence"
+    )
+    train_threads: int | None = Field(
+        None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
     )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(120, ge=1)

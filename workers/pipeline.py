@@ -9,6 +9,7 @@ promote, and a retry finds the version an earlier attempt committed instead of a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.settings import Settings
-from workers.tasks import evaluate, history, probes, promote, synthesize, train
-from workers.tasks.common import DocumentRow, as_doc
+from workers.tasks import anchors, evaluate, history, probes, promote, synthesize, train
+from workers.tasks.common import Doc, DocumentRow, as_doc
 
 if TYPE_CHECKING:
     from adapters_store.registry import AdapterRegistry
@@ -99,7 +100,27 @@ async def run_pipeline(ctx: StageContext) -> PipelineResult:
     if not docs:
         raise ValueError(f"job {ctx.job_id} has no documents")
     logger.info("job %s: %d document(s) for %s", ctx.job_id, len(docs), ctx.namespace)
+    # The anchor answers are cached after the first job; on a cold cache they are asked
+    # alongside the self-edits (the engine batches both).
+    anchor_task = asyncio.create_task(_anchor_pool(ctx))
+    try:
+        return await _stages(ctx, docs, clock, anchor_task)
+    finally:
+        anchor_task.cancel()
 
+
+async def _anchor_pool(ctx: StageContext) -> list[tuple[str, str]]:
+    if ctx.settings.pipeline.anchor_fraction <= 0:
+        return []
+    return await anchors.anchor_pairs(ctx)
+
+
+async def _stages(
+    ctx: StageContext,
+    docs: list[Doc],
+    clock: _Clock,
+    anchor_task: asyncio.Task[list[tuple[str, str]]],
+) -> PipelineResult:
     clock.start("self_edit")
     await ctx.progress("self_edit", 0.0)
     edits = await synthesize.self_edit_stage(ctx, docs)
@@ -112,13 +133,19 @@ async def run_pipeline(ctx: StageContext) -> PipelineResult:
     await ctx.progress("train", 0.0)
     learned = await history.namespace_history(ctx, exclude=[d.id for d in docs])
     champion = await history.current_champion(ctx)
-    mode: train.Mode = "incremental" if champion is not None else "fresh"
-    candidate = await train.train_stage(ctx, docs, edits, learned, parent=champion, mode=mode)
-
-    clock.start("evaluate")
-    await ctx.progress("evaluate", 0.0)
     sets = evaluate.build_eval_sets(ctx, docs, learned)
-    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, champion=champion)
+    # Base and champion answers do not depend on the candidate: ask them while it trains.
+    reference_task = asyncio.create_task(evaluate.reference_scores(ctx, sets, champion=champion))
+    try:
+        mode: train.Mode = "incremental" if champion is not None else "fresh"
+        train_data = train.TrainInputs(docs, edits, learned, await anchor_task)
+        candidate = await train.train_stage(ctx, train_data, parent=champion, mode=mode)
+        clock.start("evaluate")
+        await ctx.progress("evaluate", 0.0)
+        reference = await reference_task
+    finally:
+        reference_task.cancel()
+    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
 
     if champion is not None and ctx.settings.pipeline.consolidate:
         broken = promote.retention_broken(scores, await promote.gate_settings(ctx))
@@ -128,11 +155,11 @@ async def run_pipeline(ctx: StageContext) -> PipelineResult:
             await ctx.progress("train", 0.0)
             superseded = candidate
             candidate = await train.train_stage(
-                ctx, docs, edits, learned, parent=champion, mode="consolidate"
+                ctx, train_data, parent=champion, mode="consolidate"
             )
             await ctx.progress("evaluate", 0.0)
             scores = await evaluate.evaluate_stage(
-                ctx, sets, candidate=candidate, champion=champion, previous=scores
+                ctx, sets, candidate=candidate, reference=reference
             )
             await promote.retire(ctx, superseded, reason="superseded by consolidation")
 

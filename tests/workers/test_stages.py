@@ -101,15 +101,6 @@ def test_render_prompt_tolerates_braces_in_documents() -> None:
     assert rendered == "Passage:\nT\nUse {text} or {0} literally.\n{unknown}"
 
 
-def test_seed_for_is_stable_and_distinct() -> None:
-    assert synthesize.seed_for("adj_1", "doc_1", "rewrite") == synthesize.seed_for(
-        "adj_1", "doc_1", "rewrite"
-    )
-    assert synthesize.seed_for("adj_1", "doc_1", "rewrite") != synthesize.seed_for(
-        "adj_1", "doc_1", "implications"
-    )
-
-
 # -- dataset assembly --------------------------------------------------------------------------
 
 
@@ -432,11 +423,54 @@ async def test_train_stage_registers_once_per_job(
     earlier = ctx.artifacts_dir.parent / "attempt-0"
     shutil.copytree(fact_adapters["zorb"], earlier / "adapter-fresh")
     save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
-    first = await train.train_stage(ctx, docs, [], [], parent=None, mode="fresh")
-    again = await train.train_stage(ctx, docs, [], [], parent=None, mode="fresh")
+    inputs = train.TrainInputs(docs, [], [])
+    first = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
+    again = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
     assert again == first
     versions = await ctx.registry.list_versions("acme")
     assert [(v.version, v.status, v.job_id) for v in versions] == [
         (1, AdapterStatus.candidate, ctx.job_id)
     ]
     assert (versions[0].note or "").startswith("fresh:")
+
+
+# -- gateway client ----------------------------------------------------------------------------
+
+
+async def test_gateway_client_retries_503_with_retry_after() -> None:
+    import httpx
+
+    from workers.gateway_client import GatewayClient, GatewayError
+
+    calls: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import json
+
+        calls.append(json.loads(request.content))
+        assert request.headers["authorization"] == "Bearer sa-test"
+        if len(calls) == 1:
+            return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {}})
+        choices = [
+            {"index": 1, "message": {"content": "b"}},
+            {"index": 0, "message": {"content": "a"}},
+        ]
+        return httpx.Response(200, json={"choices": choices})
+
+    client = GatewayClient("http://gw", "sa-test", transport=httpx.MockTransport(handler))
+    async with client:
+        assert await client.chat("acme@v2", [{"role": "user", "content": "hi"}], n=2) == ["a", "b"]
+    assert len(calls) == 2
+    assert calls[1]["model"] == "acme@v2"
+    assert calls[1]["n"] == 2
+    assert "seed" not in calls[1]
+
+    def not_found(_: httpx.Request) -> httpx.Response:
+        body = {"error": {"message": "model 'x' does not exist", "code": "model_not_found"}}
+        return httpx.Response(404, json=body)
+
+    async with GatewayClient("http://gw", None, transport=httpx.MockTransport(not_found)) as c:
+        with pytest.raises(GatewayError) as info:
+            await c.chat("x", [{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 404
+    assert info.value.code == "model_not_found"

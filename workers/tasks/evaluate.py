@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 GUARD_FILE = Path(__file__).resolve().parents[2] / "app" / "data" / "guard_qa.jsonl"
 SETS = ("new", "retention", "guard")
+REFERENCE_ARTIFACT = "reference_scores.json"
 
 
 @dataclass(frozen=True)
@@ -116,62 +117,71 @@ async def _score(
     return out
 
 
+async def reference_scores(
+    ctx: StageContext, sets: dict[str, list[EvalItem]], *, champion: ResolvedVersion | None
+) -> dict[str, Any]:
+    """Base and champion scores: they do not depend on the candidate, so the pipeline runs
+    this while the candidate trains (the engine idles then, on its own core).
+
+    The base's guard score is cached per base model and guard set; the champion's comes from
+    its own evaluation when stored.
+    """
+    cached = load_artifact(ctx.artifacts_dir, REFERENCE_ARTIFACT)
+    if cached is not None:
+        return dict(cached)
+    limit = asyncio.Semaphore(ctx.settings.pipeline.eval_concurrency)
+    runs: dict[str, Any] = {}
+    known: dict[str, dict[str, Any]] = {"base": {}, "champion": {}}
+    guard_cache = _base_guard_cache(ctx, sets["guard"])
+    base_sets = ["new", "retention"]
+    if guard_cache.is_file():
+        known["base"]["guard"] = json.loads(guard_cache.read_text())
+    else:
+        base_sets.append("guard")
+    runs["base"] = _score(ctx, ctx.settings.engine.served_model_name, sets, base_sets, limit)
+    if champion is not None:
+        stored = await _stored_guard(ctx, champion, len(sets["guard"]))
+        if stored:
+            known["champion"]["guard"] = stored
+        champion_sets = ["new", "retention"] if stored else list(SETS)
+        runs["champion"] = _score(ctx, champion.name, sets, champion_sets, limit)
+    results = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
+    reference: dict[str, Any] = {who: {**known[who], **row} for who, row in results.items()}
+    if not guard_cache.is_file():
+        save_artifact(guard_cache.parent, guard_cache.name, reference["base"]["guard"])
+    reference.setdefault("champion", None)
+    save_artifact(ctx.artifacts_dir, REFERENCE_ARTIFACT, reference)
+    return reference
+
+
 async def evaluate_stage(
     ctx: StageContext,
     sets: dict[str, list[EvalItem]],
     *,
     candidate: Candidate,
-    champion: ResolvedVersion | None,
-    previous: dict[str, Any] | None = None,
+    reference: dict[str, Any],
 ) -> dict[str, Any]:
-    """Scores candidate, champion and base; stores them on the candidate version.
-
-    The champion's guard score comes from its own evaluation when stored; the base's guard
-    score is cached per base model and guard set; ``previous`` (the scores of a superseded
-    candidate of this job) supplies base and champion scores unchanged.
-    """
+    """Scores the candidate (pinned as `ns@vN`) on every set and stores candidate, champion
+    and base scores on the candidate version."""
     artifact = f"evaluate-v{candidate.version}.json"
     cached = load_artifact(ctx.artifacts_dir, artifact)
     if cached is not None:
         return dict(cached)
     limit = asyncio.Semaphore(ctx.settings.pipeline.eval_concurrency)
-    base_name = ctx.settings.engine.served_model_name
-    runs: dict[str, Any] = {"candidate": _score(ctx, candidate.name, sets, SETS, limit)}
-    known: dict[str, dict[str, Any]] = {}
-    guard_cache = _base_guard_cache(ctx, sets["guard"])
-    if previous is not None:
-        known = {"base": previous["base"], "champion": previous["champion"]}
-    else:
-        base_sets = ["new", "retention"]
-        if guard_cache.is_file():
-            known["base"] = {"guard": json.loads(guard_cache.read_text())}
-        else:
-            base_sets.append("guard")
-        runs["base"] = _score(ctx, base_name, sets, base_sets, limit)
-        if champion is not None:
-            stored = await _stored_guard(ctx, champion, len(sets["guard"]))
-            champion_sets = ["new", "retention"] if stored else list(SETS)
-            known["champion"] = {"guard": stored} if stored else {}
-            runs["champion"] = _score(ctx, champion.name, sets, champion_sets, limit)
-    results = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
-    for who, extra in known.items():
-        results[who] = {**extra, **results.get(who, {})}
-    if previous is None and not guard_cache.is_file():
-        save_artifact(guard_cache.parent, guard_cache.name, results["base"]["guard"])
     scores = {
         "metrics": {
             "gate": ctx.settings.pipeline.gate_metric,
             "guard": ctx.settings.pipeline.guard_metric,
         },
         "mode": candidate.mode,
-        "candidate": results["candidate"],
-        "champion": results.get("champion"),
-        "base": results["base"],
+        "candidate": await _score(ctx, candidate.name, sets, SETS, limit),
+        "champion": reference.get("champion"),
+        "base": reference["base"],
     }
     for who in ("candidate", "champion", "base"):
         if (row := scores.get(who)) is not None:
-            await ctx.event("metric", f"{who} {row['model']}: {_summary(row)}", who=who,
-                            **{k: row.get(k) for k in SETS})  # fmt: skip
+            summary = f"{who} {row['model']}: {_summary(row)}"
+            await ctx.event("metric", summary, who=who, **{k: row.get(k) for k in SETS})
     async with ctx.fenced():
         await ctx.registry.set_scores(candidate.version_id, without_answers(scores))
     save_artifact(ctx.artifacts_dir, artifact, scores)

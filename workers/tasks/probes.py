@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from app.settings import PipelineSettings
 from workers.metrics import answer_in_text, normalize_answer
 from workers.tasks.common import Doc, Probe, load_artifact, probes_from_json, save_artifact
-from workers.tasks.synthesize import render_prompt, seed_for
+from workers.tasks.synthesize import render_prompt
 from workers.training.datasets import split_sentences
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def select_probes(pairs: Sequence[tuple[str, str]], doc: Doc, n: int) -> list[Pr
 
 
 async def generate_probes(
-    gateway: GatewayClient, doc: Doc, settings: PipelineSettings, *, model: str, seed: str
+    gateway: GatewayClient, doc: Doc, settings: PipelineSettings, *, model: str
 ) -> list[Probe]:
     """Up to ``probe_count`` QA pairs generated with the document in context."""
     if settings.probe_count <= 0:
@@ -78,7 +78,6 @@ async def generate_probes(
         top_p=0.95,
         max_tokens=settings.probe_max_tokens,
         n=PROBE_SAMPLES,
-        seed=seed_for(seed, doc.id, "probes"),
     )
     pairs = [pair for text in texts for pair in parse_probes(text)]
     probes = select_probes(pairs, doc, settings.probe_count)
@@ -117,10 +116,7 @@ async def probe_stage(ctx: StageContext, docs: Sequence[Doc]) -> list[Doc]:
     if cached is None:
         model = ctx.settings.engine.served_model_name
         found = await asyncio.gather(
-            *(
-                generate_probes(ctx.gateway, d, ctx.settings.pipeline, model=model, seed=ctx.job_id)
-                for d in missing
-            )
+            *(generate_probes(ctx.gateway, d, ctx.settings.pipeline, model=model) for d in missing)
         )
         n = ctx.settings.pipeline.probe_count
         generated = {

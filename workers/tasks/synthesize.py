@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -58,12 +57,6 @@ class SelfEditSample:
     @property
     def kept(self) -> bool:
         return self.reason is None
-
-
-def seed_for(*parts: object) -> int:
-    """A stable 31-bit seed, so a retried attempt samples the same self-edits."""
-    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def format_counts(formats: Sequence[str], k: int) -> dict[str, int]:
@@ -138,9 +131,13 @@ async def generate_self_edits(
     settings: PipelineSettings,
     *,
     model: str,
-    seed: str,
 ) -> list[SelfEditSample]:
-    """k samples per document, spread over the configured formats, all requests concurrent."""
+    """k samples per document, spread over the configured formats, all requests concurrent.
+
+    No sampling seed is sent: vLLM's CPU runner crashes the engine on a seeded request that
+    is prefilled in chunks ("CPU Generator does not use offset"). A retried attempt reuses
+    the stored samples instead (see self_edit_stage), which is what a seed was for.
+    """
     prompts = {**DEFAULT_PROMPTS, **settings.prompts}
     counts = format_counts(settings.formats, settings.self_edits_per_doc)
     jobs = [(doc, fmt, n) for doc in docs for fmt, n in counts.items()]
@@ -156,7 +153,6 @@ async def generate_self_edits(
             top_p=settings.self_edit_top_p,
             max_tokens=settings.self_edit_max_tokens,
             n=n,
-            seed=seed_for(seed, doc.id, fmt),
         )
         return [
             SelfEditSample(doc.id, fmt, t, degenerate_reason(t, prompt=prompt, document=doc.text))
@@ -181,9 +177,7 @@ async def self_edit_stage(ctx: StageContext, docs: Sequence[Doc]) -> list[SelfEd
         samples, model = [], ctx.settings.engine.served_model_name
         if settings.self_edits_per_doc > 0 and settings.formats:
             model = await policy_model(ctx.registry, ctx.namespace, model)
-            samples = await generate_self_edits(
-                ctx.gateway, docs, settings, model=model, seed=ctx.job_id
-            )
+            samples = await generate_self_edits(ctx.gateway, docs, settings, model=model)
         save_artifact(ctx.artifacts_dir, SELF_EDITS_ARTIFACT, {"model": model, "samples": samples})
     ids = await _store_self_edits(ctx, samples)
     samples = [replace(s, id=i) for s, i in zip(samples, ids, strict=True)]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from app.errors import NotFound
-from workers.tasks.anchors import anchor_pairs, sample_anchors
+from workers.tasks.anchors import sample_anchors
 from workers.tasks.common import ACTOR, Doc, load_artifact, save_artifact
 from workers.tasks.history import LearnedDoc
 from workers.tasks.synthesize import SelfEditSample
@@ -88,32 +88,49 @@ def hyper_for(ctx: StageContext, n_sequences: int, mode: Mode) -> LoRAHyper:
         batch_size=s.batch_size,
         max_len=s.max_seq_len,
         seed=s.seed,
+        num_threads=s.train_threads or _default_threads(),
     )
 
 
+def _default_threads() -> int | None:
+    """On CPU, all cores but one: the engine's worker keeps one busy while it serves, and an
+    OpenMP pool larger than the free cores slows training ~10x (measured on 2 cores)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """Everything a training run of this job draws from."""
+
+    docs: Sequence[Doc]
+    edits: Sequence[SelfEditSample]
+    learned: Sequence[LearnedDoc]
+    anchor_pool: Sequence[tuple[str, str]] = ()
+
+
 async def train_stage(
-    ctx: StageContext,
-    docs: Sequence[Doc],
-    edits: Sequence[SelfEditSample],
-    history: Sequence[LearnedDoc],
-    *,
-    parent: ResolvedVersion | None,
-    mode: Mode,
+    ctx: StageContext, inputs: TrainInputs, *, parent: ResolvedVersion | None, mode: Mode
 ) -> Candidate:
     """Trains (or reuses) this job's adapter for ``mode`` and registers it once."""
     existing = await _job_version(ctx, mode)
     if existing is not None:
         await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
+    docs, edits, history = inputs.docs, inputs.edits, inputs.learned
     data = training_set(ctx, docs, edits, history, mode)
-    anchors: list[tuple[str, str]] = []
-    if ctx.settings.pipeline.anchor_fraction > 0:
-        anchors = sample_anchors(
-            await anchor_pairs(ctx),
-            len(data.sequences),
-            ctx.settings.pipeline.anchor_fraction,
-            seed=ctx.job_id,
-        )
+    anchors = sample_anchors(
+        list(inputs.anchor_pool),
+        len(data.sequences),
+        ctx.settings.pipeline.anchor_fraction,
+        seed=ctx.job_id,
+    )
     adapter_dir = await _trained_adapter(ctx, data, anchors, parent=parent, mode=mode)
     lineage = {
         "job_id": ctx.job_id,

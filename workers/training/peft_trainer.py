@@ -41,6 +41,11 @@ class LoRAHyper:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    lr_schedule: str = "constant"
+    """``constant``, or ``linear``: decays to 0 at the last step (gentler final updates)."""
+    num_threads: int | None = None
+    """CPU threads for torch (None: torch's default). Fewer threads than cores avoids OpenMP
+    oversubscription when another process (the engine) is busy on the same CPU."""
 
     def total_steps(self, n_examples: int) -> int:
         """Optimizer steps for ``n_examples`` examples."""
@@ -129,6 +134,8 @@ def train_lora(
     if not examples:
         raise ValueError("train_lora needs at least one example")
     started = time.monotonic()
+    if hyper.num_threads is not None:
+        torch.set_num_threads(hyper.num_threads)
     torch.manual_seed(hyper.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     encoded = [encode_example(tokenizer, as_example(e), hyper.max_len) for e in examples]
@@ -251,6 +258,13 @@ def _optimise(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hyper.lr, weight_decay=hyper.weight_decay)
+    scheduler = None
+    if hyper.lr_schedule == "linear":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: max(0.0, 1.0 - done / max(1, total))
+        )
+    elif hyper.lr_schedule != "constant":
+        raise ValueError(f"unknown lr_schedule {hyper.lr_schedule!r} (constant | linear)")
     model.train()
     losses: list[float] = []
     for step, batch in enumerate(batches, start=1):
@@ -259,6 +273,8 @@ def _optimise(
         if hyper.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if on_step is not None:
