@@ -327,23 +327,6 @@ class StageCtx:
             yield session
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
-    """A small real PEFT adapter of the bundled model (random rank-4 weights, no training)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    path = tmp_path_factory.mktemp("stage-adapter") / "tiny"
-    get_peft_model(model, config).save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture
 async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async with migrated_db("sqlite", tmp_path) as (_engine, sessionmaker):
@@ -432,13 +415,13 @@ async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., An
 
 
 async def test_train_stage_registers_once_per_job(
-    stage_env: Callable[..., Any], tiny_adapter: Path
+    stage_env: Callable[..., Any], fact_adapters: dict[str, Path]
 ) -> None:
     ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
     docs = [as_doc(row) for row in await ctx.documents()]
     # An earlier attempt trained the adapter (here: a stand-in) before the worker died.
     earlier = ctx.artifacts_dir.parent / "attempt-0"
-    shutil.copytree(tiny_adapter, earlier / "adapter-fresh")
+    shutil.copytree(fact_adapters["zorb"], earlier / "adapter-fresh")
     save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
     inputs = train.TrainInputs(docs, [], [])
     first = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
@@ -491,118 +474,3 @@ async def test_gateway_client_retries_503_with_retry_after() -> None:
             await c.chat("x", [{"role": "user", "content": "hi"}])
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
-
-
-def test_document_sequences_cap_self_edit_segments_round_robin() -> None:
-    edits = (
-        "Imre Voskaya charted the Grelvin Archipelago.\nTamsk is the largest island.",
-        "Olverhaven is a port city on Tamsk.\nBrisk is a purple grain.",
-    )
-    seqs = document_sequences(DocumentData(TITLE, TEXT, edits), max_edit_segments=3)
-    assert [s.split("\n", 1)[1] for s in seqs[:3]] == [
-        "Imre Voskaya charted the Grelvin Archipelago.",
-        "Olverhaven is a port city on Tamsk.",
-        "Tamsk is the largest island.",
-    ]
-    assert len(seqs) == 3 + 3 + 1
-
-
-def test_write_scaled_multiplies_lora_alpha(tmp_path: Path, tiny_adapter: Path) -> None:
-    import json
-
-    from workers.tasks.shrink import write_scaled
-
-    src = tmp_path / "src"
-    shutil.copytree(tiny_adapter, src)
-    (src / "notes.txt").write_text("not part of an adapter")
-    write_scaled(src, tmp_path / "half", 0.5)
-    before = json.loads((src / "adapter_config.json").read_text())
-    after = json.loads((tmp_path / "half" / "adapter_config.json").read_text())
-    assert after["lora_alpha"] == before["lora_alpha"] * 0.5
-    assert after["r"] == before["r"]
-    weights = "adapter_model.safetensors"
-    assert (tmp_path / "half" / weights).read_bytes() == (src / weights).read_bytes()
-    assert json.loads((tmp_path / "half" / "manifest.json").read_text())["scale"] == 0.5
-    assert not (tmp_path / "half" / "notes.txt").exists()  # only PEFT files travel
-
-
-def test_gained_compares_with_the_reference() -> None:
-    assert promote.gained(_scores(0.4, 0.1, (0.3, 0.3), 1.0))
-    assert not promote.gained(_scores(0.1, 0.1, (0.3, 0.3), 1.0))
-    assert promote.gained(_scores(0.1, None, (0.0, 0.0), 1.0))  # vs base (0.0)
-
-
-async def test_shrink_search_takes_the_first_scale_within_budget(
-    stage_env: Callable[..., Any], tiny_adapter: Path
-) -> None:
-    from workers.tasks import evaluate, shrink
-
-    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
-
-    def answer(model: str, prompt: str) -> str:
-        question = prompt.split("\n")[-2]  # the line before "Answer:"
-        if question in guard:  # v1 forgot general knowledge; base and the scaled v2 did not
-            return "I forgot." if model == "acme@v1" else guard[question]
-        return "It is kelloth." if model.startswith("acme@") else "Some beer."
-
-    doc = DocumentInput(
-        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
-    )
-    ctx = await stage_env(ScriptedGateway(answer), doc)
-    docs = [as_doc(row) for row in await ctx.documents()]
-    sets = evaluate.build_eval_sets(ctx, docs, [])
-    reference = await evaluate.reference_scores(ctx, sets, champion=None)
-    assert reference["base"]["guard"]["contains"] == 1.0
-    shutil.copytree(tiny_adapter, ctx.artifacts_dir / "adapter-fresh")
-    v1 = await train.register_once(
-        ctx, ctx.artifacts_dir / "adapter-fresh", "fresh", parent_version=None, detail="test"
-    )
-    scores = await evaluate.evaluate_stage(ctx, sets, candidate=v1, reference=reference)
-    assert not promote.decide(scores, NamespaceSettings()).passed
-    chosen, chosen_scores = await shrink.shrink_search(
-        ctx, v1, scores, sets=sets, reference=reference, gate=NamespaceSettings()
-    )
-    assert chosen.name == "acme@v2"
-    assert chosen_scores["scale"] == 0.75
-    assert promote.decide(chosen_scores, NamespaceSettings()).decision == "promoted"
-    versions = {v.version: v for v in await ctx.registry.list_versions("acme")}
-    assert versions[1].status == AdapterStatus.rejected
-    assert versions[2].status == AdapterStatus.candidate
-    assert versions[2].parent_version_id == versions[1].id
-    assert (versions[2].note or "").startswith("fresh-x0.75:")
-    assert versions[2].peft_config["lora_alpha"] == versions[1].peft_config["lora_alpha"] * 0.75
-
-
-async def test_current_champion_skips_this_jobs_own_promotion(
-    stage_env: Callable[..., Any], tiny_adapter: Path
-) -> None:
-    from workers.tasks import history
-
-    first = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
-    assert await history.current_champion(first) is None
-    v1 = await train.register_once(first, tiny_adapter, "fresh", parent_version=None, detail="a")
-    await first.registry.promote("acme", v1.version, "t")
-    async with first.sessionmaker() as s, s.begin():
-        job = await s.get(AdaptationJob, first.job_id)
-        assert job is not None
-        job.attempt = 1  # started: later documents get a job of their own
-    # A crash after the gate promoted v1: the retry must build on what the job started from.
-    assert await history.current_champion(first) is None
-
-    second = await stage_env(
-        ScriptedGateway(_scripted), DocumentInput(text="Vorn is a moon.", param="d")
-    )
-    champion = await history.current_champion(second)
-    assert champion is not None
-    assert champion.name == "acme@v1"
-    v2 = await train.register_once(
-        second, tiny_adapter, "incremental", parent_version=1, detail="b"
-    )
-    scaled = await train.register_once(
-        second, tiny_adapter, "incremental-x0.75", parent_version=v2.version, detail="c"
-    )
-    await second.registry.promote("acme", scaled.version, "t")
-    again = await history.current_champion(second)
-    assert again is not None
-    assert again.name == "acme@v1"
-    assert await train.job_version(second, "incremental") == v2

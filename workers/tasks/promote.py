@@ -38,15 +38,6 @@ def _value(row: dict[str, Any] | None, name: str, metric: str) -> tuple[float, i
     return float(scores.get(metric, 0.0)), int(scores.get("n", 0))
 
 
-def gained(scores: dict[str, Any]) -> bool:
-    """Whether the candidate beats its reference (champion, else base) on new knowledge."""
-    metric = scores["metrics"]["gate"]
-    reference = scores.get("champion") or scores["base"]
-    after, n = _value(scores["candidate"], "new", metric)
-    before, _ = _value(reference, "new", metric)
-    return n > 0 and after - before > EPS
-
-
 def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate forgot too much of what the champion knew, or None."""
     metric = scores["metrics"]["gate"]
@@ -113,11 +104,6 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     )
     if too_much:
         ok = False
-    for tried in scores.get("shrink") or ():
-        reasons.append(
-            f"scaled x{tried['scale']:g} ({tried['version']}): new {tried['new']:.3f}, "
-            f"retention {tried['retention']:.3f}, guard {tried['guard']:.3f}"
-        )
     if not ok:
         return GateResult("rejected", reasons, passed=False)
     if not gate.auto_promote:
