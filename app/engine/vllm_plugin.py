@@ -12,6 +12,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SELFADAPT_LORA_PATCH"
+SEED_ENV_VAR = "SELFADAPT_SEED_PATCH"
 OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 OPS_PACKAGE = "vllm.lora.ops.torch_ops"
 # Modules under this prefix that did `from vllm.lora.ops.torch_ops import ...` (punica_cpu)
@@ -255,13 +256,36 @@ def register() -> None:
     global _decided
     if _decided:
         return
+    _register_seed_fix()
+    _register_lora_ops()
+    _decided = True
+
+
+def _register_seed_fix() -> None:
+    """On CPU, make seeded requests survive chunked prefill (see `app.engine.seed_fix`)."""
+    from app.engine import seed_fix
+
+    if os.environ.get(SEED_ENV_VAR, "auto").strip().lower() == "off":
+        logger.info("selfadapt: seeded-sampling patch disabled by %s=off", SEED_ENV_VAR)
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        if not (current_platform.is_cpu() and seed_fix.cpu_generators_lack_offsets()):
+            return
+        seed_fix.install()
+    except Exception:
+        logger.exception("selfadapt: seed patch failed; seeded chunked prefill may crash")
+
+
+def _register_lora_ops() -> None:
+    """Replace the CPU LoRA ops where they apply an adapter to index -1 (or when forced)."""
     mode = os.environ.get(ENV_VAR, "auto").strip().lower()
     if mode not in ("auto", "off", "force"):
         logger.warning("selfadapt: unknown %s=%r, using 'auto'", ENV_VAR, mode)
         mode = "auto"
     if mode == "off":
         logger.info("selfadapt: LoRA op patch disabled by %s=off", ENV_VAR)
-        _decided = True
         return
     try:
         module = importlib.import_module(OPS_MODULE)
@@ -269,7 +293,6 @@ def register() -> None:
         current = {name: getattr(module, name) for name in OP_NAMES}
     except (ImportError, AttributeError) as e:
         logger.debug("selfadapt: no vLLM torch LoRA ops to patch (%s)", e)
-        _decided = True
         return
     if mode == "auto":
         try:
@@ -277,12 +300,9 @@ def register() -> None:
         except Exception:
             # A changed op signature means our replacements would not fit either.
             logger.exception("selfadapt: LoRA op probe failed; not patching")
-            _decided = True
             return
         if not leaking:
             logger.info("selfadapt: vLLM LoRA ops already handle index -1; not patching")
-            _decided = True
             return
         logger.info("selfadapt: vLLM LoRA ops %s apply an adapter to index -1", leaking)
     _install(module, package)
-    _decided = True
