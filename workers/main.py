@@ -72,7 +72,9 @@ class _Shared:
             from adapters_store.registry import AdapterRegistry
 
             s = self._settings
-            self._publisher = RedisChangePublisher(s.redis_url) if s.redis_url else None
+            self._publisher = (
+                RedisChangePublisher(s.redis_url, channel=s.redis_channel) if s.redis_url else None
+            )
             blobs = BlobStore(s.adapter_root / "blobs")
             self._registry = AdapterRegistry(
                 self._sessionmaker, blobs, self._publisher, base_model=_base_model_id(s)

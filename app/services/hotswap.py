@@ -33,6 +33,7 @@ class HotSwap:
         resolver: RegistryAdapterResolver,
         adapters: AdapterService,
         redis_url: str | None,
+        channel: str,
         poll_s: float,
         cache_s: float,
     ) -> None:
@@ -42,7 +43,9 @@ class HotSwap:
         self._poll_s = poll_s
         self._cache_s = cache_s
         self._subscriber = (
-            ChangeSubscriber(redis_url, on_connect=self._events_resumed) if redis_url else None
+            ChangeSubscriber(redis_url, channel=channel, on_connect=self._events_resumed)
+            if redis_url
+            else None
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._snapshot: dict[str, int] | None = None

@@ -100,6 +100,24 @@ async def test_subscriber_receives_published_events(redis_url: str) -> None:
     assert connects == [True]
 
 
+async def test_channels_keep_deployments_on_one_redis_apart(redis_url: str) -> None:
+    namespace = _namespace()
+    ours = ChangeSubscriber(redis_url, channel=f"test:{namespace}:a")
+    task = asyncio.create_task(_collect(ours, namespace, 1))
+    await _wait_connected(ours)
+    theirs = RedisChangePublisher(redis_url, channel=f"test:{namespace}:b")
+    mine = RedisChangePublisher(redis_url, channel=f"test:{namespace}:a")
+    try:
+        await theirs.publish(ChangeEvent("alias_moved", namespace, "champion", 1))
+        await mine.publish(ChangeEvent("alias_moved", namespace, "champion", 2))
+        received = await asyncio.wait_for(task, 5)
+    finally:
+        ours.close()
+        await theirs.aclose()
+        await mine.aclose()
+    assert received == [ChangeEvent("alias_moved", namespace, "champion", 2)]
+
+
 async def test_publisher_with_unreachable_redis_logs_and_returns(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
