@@ -53,7 +53,7 @@ FACTS: tuple[Fact, ...] = (
 )
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PATCHED_LINE = "selfadapt: patched vLLM CPU LoRA ops"
-UNPATCHED_LINE = "selfadapt: LoRA op patch disabled"
+SEED_LINE = "selfadapt: patched vLLM seeded sampling"
 # vLLM configures only its own logger in each engine process; this config also routes our
 # plugin's `app.*` records to the log, so the patched/stock state can be read from it.
 LOGGING_CONFIG = {
@@ -407,10 +407,11 @@ async def bench_server(
 
 
 def plugin_state(log_text: str, *, expect_patched: bool) -> dict[str, Any]:
-    """Counts the plugin's log lines (one per vLLM process) and checks them against the spec."""
-    patched, unpatched = log_text.count(PATCHED_LINE), log_text.count(UNPATCHED_LINE)
-    ok = (patched > 0 and unpatched == 0) if expect_patched else (unpatched > 0 and patched == 0)
-    return {"patched_lines": patched, "disabled_lines": unpatched, "as_expected": ok}
+    """Counts the plugin's log lines (one per vLLM process) and checks them against the spec:
+    patched servers log both fixes; the stock server (`VLLM_PLUGINS=""`) loads no plugin."""
+    patched, seed = log_text.count(PATCHED_LINE), log_text.count(SEED_LINE)
+    ok = (patched > 0 and seed > 0) if expect_patched else (patched == 0 and seed == 0)
+    return {"lora_patched_lines": patched, "seed_patched_lines": seed, "as_expected": ok}
 
 
 def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[str, ServerSpec]:
@@ -443,7 +444,8 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
     )
     for name, patched in (("vllm", True), ("stock", False)):
         port = free_port()
-        env = {**base_env, **({} if patched else {"SELFADAPT_LORA_PATCH": "off"})}
+        # vLLM loads only the general plugins named in VLLM_PLUGINS: "" loads none of them.
+        env = {**base_env, **({} if patched else {"VLLM_PLUGINS": ""})}
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         argv += ["--model", str(setup.model_dir), "--served-model-name", BASE_MODEL]
         argv += ["--dtype", "bfloat16", "--max-model-len", str(cfg.max_model_len)]
@@ -622,7 +624,7 @@ def _server_notes(servers: dict[str, dict[str, Any]]) -> str:
         probes = s["probes"]
         bad = [m for m, p in probes.items() if not p["ok"]]
         plugin = s["plugin"]
-        state = "patched" if plugin.get("patched_lines") else "stock ops"
+        state = "patched (LoRA + seed fixes)" if plugin.get("lora_patched_lines") else "stock ops"
         line = (
             f"- {key}: ready in {_cell(s['startup_s'])} s; LoRA ops {state}"
             f"{'' if plugin.get('as_expected') else ' (NOT as expected)'}; probes "
