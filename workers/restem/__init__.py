@@ -14,6 +14,14 @@ from workers.restem.loop import (
     RunShape,
     split_documents,
 )
+from workers.restem.parts import (
+    AdapterHost,
+    ChatSampler,
+    PeftInnerLoop,
+    PeftPolicyTrainer,
+    PolicyStore,
+    TrainingStopped,
+)
 from workers.restem.protocols import (
     InnerLoop,
     NullReporter,
@@ -29,12 +37,17 @@ from workers.restem.protocols import (
 from workers.restem.selection import FormatStats, ScoredEdit, best_per_document, reward_of
 
 __all__ = [
+    "AdapterHost",
+    "ChatSampler",
     "FormatStats",
     "GateOutcome",
     "InnerLoop",
     "NullReporter",
+    "PeftInnerLoop",
+    "PeftPolicyTrainer",
     "PolicyExample",
     "PolicyRef",
+    "PolicyStore",
     "PolicyTrainer",
     "Reporter",
     "RestemLoop",
@@ -46,6 +59,7 @@ __all__ = [
     "SamplingOptions",
     "ScoredEdit",
     "SelfEditSampler",
+    "TrainingStopped",
     "TrialResult",
     "best_per_document",
     "reward_of",
