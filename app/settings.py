@@ -171,6 +171,7 @@ class RestemSettings(BaseModel):
     max_docs: int = Field(50, ge=1, description="largest `docs` a job may ask for")
     max_samples: int = Field(10, ge=1, description="largest `samples` a job may ask for")
     max_rounds: int = Field(5, ge=1, description="largest `rounds` a job may ask for")
+    max_repeats: int = Field(5, ge=1, description="largest `repeats` a job may ask for")
     heldout_docs: int = Field(
         2, ge=0, description="documents kept out of policy training to gate the policy"
     )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from adapters_store.models import policy_namespace
 from app.errors import NotFound
 from app.settings import PipelineSettings
 from workers.metrics import normalize_answer
@@ -122,7 +123,7 @@ def degenerate_reason(text: str, *, prompt: str, document: str) -> str | None:
 
 async def policy_model(registry: Any, namespace: str, base_name: str) -> str:
     """The namespace's self-edit policy adapter (`<ns>-policy` champion) or the base model."""
-    name = f"{namespace}-policy"
+    name = policy_namespace(namespace)
     try:
         await registry.resolve(name)
     except NotFound:
