@@ -115,6 +115,7 @@ class RoundResult:
             "round": self.round_index,
             "policy": self.policy,
             "documents": self.documents,
+            "baselines": {d: s.as_dict() for d, s in self.baselines.items()},
             "edits": [e.as_json() for e in self.edits],
             "kept": {d: e.as_json() for d, e in self.winners.items()},
             "mean_reward": mean_reward(self.edits),
