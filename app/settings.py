@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -231,6 +231,20 @@ class RestemSettings(BaseModel):
     policy_epochs: float = Field(2.0, gt=0)
     policy_steps: int | None = Field(None, ge=1, description="fixed steps (overrides epochs)")
     policy_max_seq_len: int = Field(768, ge=64, description="prompt + self-edit tokens")
+    schedule: str | None = Field(
+        None,
+        description="cron expression (UTC), e.g. '0 3 * * *': workers then queue a ReSTEM job "
+        "for every namespace with probe documents",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r}")
+        return value
 
 
 class Settings(BaseSettings):
