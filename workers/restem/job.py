@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from adapters_store.models import AdapterStatus, Namespace, policy_namespace, trial_namespace
-from app.db.jobs import AdaptationJob, Decision, Document, JobKind, JobStatus
+from app.db.jobs import AdaptationJob, Decision, Document, JobKind, JobStatus, SelfEdit
 from app.errors import NotFound
 from app.settings import RestemSettings
 from workers.pipeline import PipelineResult
@@ -224,7 +224,28 @@ async def run_restem_job(ctx: JobContext) -> PipelineResult:
         result = await loop.run(docs, policy=policy, shape=RunShape.of(settings))
     finally:
         await remove_trials(ctx)
+    await _store_self_edits(ctx, result)
     return await _apply_gates(ctx, result)
+
+
+async def _store_self_edits(ctx: JobContext, result: RestemResult) -> None:
+    """Every sampled self-edit of the rounds as a `self_edit` row with its mean reward
+    (`kept` = passed the degenerate filter, as in the pipeline); replaces an earlier attempt's."""
+    async with ctx.fenced() as session:
+        await session.execute(delete(SelfEdit).where(SelfEdit.job_id == ctx.job_id))
+        edits = [e for r in result.rounds for e in r.edits]
+        session.add_all(
+            SelfEdit(
+                job_id=ctx.job_id,
+                attempt=ctx.attempt,
+                document_id=e.doc_id,
+                format=e.format,
+                text=e.text,
+                kept=e.reason is None,
+                reward=e.reward,
+            )
+            for e in edits
+        )
 
 
 async def _apply_gates(ctx: JobContext, result: RestemResult) -> PipelineResult:
