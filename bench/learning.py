@@ -38,9 +38,13 @@ from workers.training.peft_trainer import LoRAHyper
 logger = logging.getLogger("bench.learning")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUN_ORDER = ("base", "in_context", "passage", "self_edit", "restem_1", "restem_2")
+"""Cheap conditions first: an interrupted run has written those already."""
 DATA = Path("../shared/data")
 # Flags that name outputs or subsets, not what a condition computes: not in the cache key.
-_NOT_IN_KEY = frozenset({"name", "out_dir", "work_dir", "conditions", "limit", "log_level"})
+_NOT_IN_KEY = frozenset(
+    {"name", "out_dir", "work_dir", "conditions", "limit", "log_level", "train_threads"}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train on each passage sentence (pipeline default; SEAL: no)",
     )
     g.add_argument("--seed", type=int, default=pipe.seed)
-    g.add_argument("--train-threads", type=int, help="torch CPU threads; None: torch's choice")
+    g.add_argument(
+        "--train-threads", type=int, help="torch CPU threads; None: all cores but one on CPU"
+    )
     g = p.add_argument_group("evaluation and engine")
     g.add_argument("--eval-max-tokens", type=int, default=pipe.eval_max_tokens)
     g.add_argument("--concurrency", type=int, default=64, help="requests in flight")
@@ -104,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--restem-docs", type=int, default=restem.docs, help="N docs per round")
     g.add_argument("--restem-samples", type=int, default=restem.samples, help="K per doc")
     g.add_argument("--restem-repeats", type=int, default=restem.repeats)
+    g.add_argument(
+        "--restem-policy",
+        choices=("promoted", "candidate"),
+        default="promoted",
+        help="sample restem_r from the policy the gate left in force, or round r's candidate",
+    )
     g.add_argument(
         "--restem",
         action="append",
@@ -132,6 +144,10 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
 def finish(args: argparse.Namespace) -> argparse.Namespace:
     """Derived settings: prompts, ReSTEM settings, LoRA hyperparameters, paths, cache key."""
     from tests.support.models import bundled_model_dir, default_cache_root
+    from workers.tasks.train import _default_threads
+
+    # All cores but one on CPU, as the pipeline does: the engine's worker keeps a core busy.
+    args.train_threads = args.train_threads or _default_threads()
 
     prompts = {k: _template(v) for k, v in _pairs(args.prompt, "--prompt").items()}
     args.pipeline = PipelineSettings(
@@ -165,7 +181,7 @@ def finish(args: argparse.Namespace) -> argparse.Namespace:
         num_threads=args.train_threads,
     )
     args.model_dir = args.model or bundled_model_dir(default_cache_root())
-    args.conditions = [c for c in CONDITIONS if c in args.conditions]
+    args.conditions = [c for c in RUN_ORDER if c in args.conditions]
     args.settings = recorded_settings(args)
     key = hashlib.sha256(json.dumps(args.settings, sort_keys=True).encode()).hexdigest()[:12]
     args.work_dir = args.work_dir or Path.home() / ".cache" / "selfadapt-bench" / f"learning-{key}"

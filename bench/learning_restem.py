@@ -179,7 +179,8 @@ class RestemStage:
         else:
             docs = [p.as_doc() for p in load_passages(self.args.train)]
             result = await self._loop.run(docs, policy=None)
-            self.summary = summarize_rounds(result, store.paths, s)
+            self.summary = summarize_rounds(result, store.paths, s, use=args.restem_policy)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.summary, indent=2))
         after = []
         for row in self.summary["after_round"]:
@@ -192,10 +193,12 @@ class RestemStage:
 
 
 def summarize_rounds(
-    result: RestemResult, paths: dict[str, Path], settings: RestemSettings
+    result: RestemResult, paths: dict[str, Path], settings: RestemSettings, *, use: str
 ) -> dict[str, Any]:
-    """The rounds as JSON plus, per round, the policy in force after it (a candidate counts
-    only when the loop's gate promoted it) and the format statistics up to it."""
+    """The rounds as JSON plus, per round, the policy to sample from after it and the format
+    statistics up to it. ``use="promoted"``: the policy in force (a candidate counts only
+    when the loop's gate promoted it); ``"candidate"``: every round's trained policy, as SEAL
+    does (it has no gate)."""
     from workers.restem import FormatStats
 
     stats = FormatStats(list(settings.formats))
@@ -206,7 +209,7 @@ def summarize_rounds(
             stats.record(edit)
         for edit in rnd.winners.values():
             stats.record_win(edit.format)
-        if rnd.promoted and rnd.candidate is not None:
+        if rnd.candidate is not None and (rnd.promoted or use == "candidate"):
             policy = rnd.candidate
         path = paths.get(policy) if policy is not None else None
         after.append(
@@ -217,4 +220,4 @@ def summarize_rounds(
                 "format_stats": stats.as_json(),
             }
         )
-    return {**result.as_json(), "after_round": after}
+    return {**result.as_json(), "use": use, "after_round": after}

@@ -385,7 +385,7 @@ def plot(result: LearningResult, path: Path) -> Path:
         "contains": [(100 * r.contains_ci[0], 100 * r.contains_ci[1]) for r in rows],
         "EM": [(100 * r.em_ci[0], 100 * r.em_ci[1]) for r in rows],
     }
-    panel = Panel(f"no-context QA, {result.n_passages} passages (95% CI)", "%", series, errors)
+    panel = Panel(f"{result.n_passages} passages, 95% bootstrap CIs", "%", series, errors)
     device = result.machine.get("device", "")
     return bar_panels(path, groups, [panel], title=f"learning: {result.model} on {device}")
 

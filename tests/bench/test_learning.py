@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from app.engine.fake import FakeEngine
+from app.settings import RestemSettings
 from bench.learning import build_parser, finish
 from bench.learning_engine import InProcessChat, lora_rank_limit
+from bench.learning_restem import summarize_rounds
 from bench.learning_run import ConditionRun, SquadPassage, load_passages, write_outputs
 from bench.learning_stats import (
     ConditionScore,
@@ -24,6 +26,7 @@ from bench.learning_stats import (
     summarize,
     table,
 )
+from workers.restem import FormatStats, GateOutcome, RestemResult, RoundResult, ScoredEdit
 
 
 def _passage(pid: str, values: list[float]) -> PassageScore:
@@ -235,3 +238,35 @@ def test_write_outputs_json_matches_the_schema(tmp_path: Path) -> None:
     answers = json.loads((tmp_path / "out" / "t-answers.json").read_text())
     assert answers["base"]["p1"]["replies"] == ["I do not know."]
     assert "not run" in table(result)
+
+
+def _round(index: int, decision: str) -> RoundResult:
+    edit = ScoredEdit("d1", "rewrite", "prompt", "text", rewards=(0.2,))
+    return RoundResult(
+        round_index=index,
+        policy=None,
+        documents=["d1"],
+        edits=[edit, ScoredEdit("d1", "self_qa", "prompt", "x", reason="empty")],
+        winners={"d1": edit},
+        baselines={},
+        candidate=f"policy-r{index}",
+        gate=GateOutcome(decision, 0.0, 0.1, "test"),  # type: ignore[arg-type]
+    )
+
+
+def test_summarize_rounds_policy_in_force_and_format_stats_per_round(tmp_path: Path) -> None:
+    settings = RestemSettings(formats=["rewrite", "self_qa"])
+    result = RestemResult(
+        rounds=[_round(0, "rejected"), _round(1, "promoted")],
+        policy="policy-r1",
+        format_stats=FormatStats(["rewrite", "self_qa"]),
+    )
+    paths = {"policy-r0": tmp_path / "r0", "policy-r1": tmp_path / "r1"}
+    promoted = summarize_rounds(result, paths, settings, use="promoted")["after_round"]
+    assert [r["policy"] for r in promoted] == [None, "policy-r1"]  # round 1 was rejected
+    assert promoted[1]["path"] == str(tmp_path / "r1")
+    assert promoted[0]["format_stats"]["rewrite"]["count"] == 1
+    assert promoted[1]["format_stats"]["rewrite"]["wins"] == 2
+    assert promoted[1]["format_stats"]["self_qa"]["degenerate"] == 2
+    candidate = summarize_rounds(result, paths, settings, use="candidate")["after_round"]
+    assert [r["policy"] for r in candidate] == ["policy-r0", "policy-r1"]
