@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from adapters_store.blobs import BlobStore
@@ -20,6 +21,7 @@ from adapters_store.models import AdapterStatus
 from adapters_store.registry import AdapterRegistry
 from app.auth import Role
 from app.cli import cli
+from app.db.jobs import SelfEdit
 from app.db.session import make_engine, make_sessionmaker
 from app.errors import NotFound
 from app.model_prep import model_fingerprint
@@ -175,6 +177,13 @@ async def test_restem_job_learns_and_gates_a_policy(
     assert isinstance(gate["before"], float)
     assert isinstance(gate["after"], float)
     assert sum(s["count"] for s in scores["format_stats"].values()) == len(round0["edits"])
+
+    async with runner.leases.sessionmaker() as session:
+        rows = list(await session.scalars(select(SelfEdit).where(SelfEdit.job_id == job_id)))
+    assert len(rows) == len(round0["edits"])
+    assert sorted(r.reward for r in rows if r.reward is not None) == sorted(
+        e["reward"] for e in trained
+    )
 
     r = await http.get(f"/v1/adaptation/jobs/{job_id}/events", params={"limit": 100})
     messages = [e["message"] for e in r.json()["data"]]
