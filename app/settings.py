@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""LoRA targets covering every linear layer of a Llama/Qwen-style block."""
 
 
 class EngineSettings(BaseModel):
@@ -121,15 +123,7 @@ class PipelineSettings(BaseModel):
     )
     max_seq_len: int = Field(256, ge=16, description="tokens per training sequence")
     targets: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        default_factory=lambda: list(ALL_LINEAR_TARGETS),
         description="LoRA target modules (all linear layers by default)",
     )
     sentence_sequences: bool = Field(
@@ -213,15 +207,7 @@ class RestemSettings(BaseModel):
     batch_size: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=16)
     targets: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        default_factory=lambda: list(ALL_LINEAR_TARGETS),
         description="LoRA target modules of the trial adapters",
     )
     # --- policy adapter (behaviour cloning on kept self-edits) ---

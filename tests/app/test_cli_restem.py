@@ -5,23 +5,18 @@ JSON answer, and the server's errors for bad input (exit 1) or a missing key (ex
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from app.auth import Role
 from app.cli import cli
-from app.engine.fake import FakeEngine
-from app.main import create_app
 from tests.app.registry.conftest import gateway_settings
 from tests.conftest import _create_keys
-from tests.support.server import free_port
+from tests.support.server import fake_engine_server
 
 DOC = {
     "title": "Zorblat",
@@ -34,27 +29,14 @@ DOC = {
 def served(tmp_path: Path, model_dir: Path) -> Iterator[tuple[str, dict[Role, str]]]:
     settings = gateway_settings(tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir)
     keys = _create_keys(settings)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, engine=FakeEngine()), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    r = httpx.post(
-        f"{url}/v1/documents",
-        json={"namespace": "acme", "documents": [DOC]},
-        headers={"Authorization": f"Bearer {keys[Role.operator]}"},
-    )
-    assert r.status_code == 202, r.text
-    yield url, keys
-    server.should_exit = True
-    thread.join(timeout=10)
+    with fake_engine_server(settings) as url:
+        r = httpx.post(
+            f"{url}/v1/documents",
+            json={"namespace": "acme", "documents": [DOC]},
+            headers={"Authorization": f"Bearer {keys[Role.operator]}"},
+        )
+        assert r.status_code == 202, r.text
+        yield url, keys
 
 
 def test_restem_run_prints_the_job_id(served: tuple[str, dict[Role, str]]) -> None:
