@@ -174,6 +174,19 @@ async def _current_policy(ctx: JobContext) -> PolicyRef:
         return None
 
 
+async def _policy_documents(ctx: JobContext) -> set[str]:
+    """Documents any policy of the namespace was trained on (never held out for the gate)."""
+    try:
+        versions = await ctx.registry.list_versions(policy_namespace(ctx.namespace))
+    except NotFound:
+        return set()
+    return {
+        str(example.get("document_id"))
+        for v in versions
+        for example in ((v.scores or {}).get("restem") or {}).get("examples", [])
+    }
+
+
 async def _parts(ctx: JobContext, settings: RestemSettings) -> RestemParts:
     from app.model_prep import resolve_model_dir
     from workers.tasks.train import _default_threads  # one rule for training threads
@@ -219,9 +232,9 @@ async def run_restem_job(ctx: JobContext) -> PipelineResult:
     loop = RestemLoop(
         await _parts(ctx, settings), settings, stats=await _format_stats(ctx, settings.formats)
     )
-    policy = await _current_policy(ctx)
+    policy, trained = await _current_policy(ctx), await _policy_documents(ctx)
     try:
-        result = await loop.run(docs, policy=policy, shape=RunShape.of(settings))
+        result = await loop.run(docs, policy=policy, shape=RunShape.of(settings), trained=trained)
     finally:
         await remove_trials(ctx)
     await _store_self_edits(ctx, result)

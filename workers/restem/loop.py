@@ -18,9 +18,10 @@ One round (SEAL's ReST-EM, knowledge incorporation):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,16 +144,22 @@ class RestemResult:
 
 
 def split_documents(
-    docs: Sequence[Doc], *, heldout: int, seed: int | str
+    docs: Sequence[Doc], *, heldout: int, seed: int | str, trained: Collection[str] = ()
 ) -> tuple[list[Doc], list[Doc]]:
-    """(training pool, held-out documents): only documents with probes, seeded shuffle.
+    """(training pool, held-out documents): only documents with probes, in a seeded order.
 
-    At least one document stays in the training pool; the held-out set may be empty.
+    Documents in ``trained`` (an earlier policy was trained on them) are never held out. The
+    order is by a hash of seed and document id, so the held-out set stays stable as documents
+    arrive (once there are more than ``heldout``). At least one document stays in the pool.
     """
-    usable = sorted((d for d in docs if d.probes), key=lambda d: d.id)
-    random.Random(str(seed)).shuffle(usable)
-    n_heldout = min(heldout, max(0, len(usable) - 1))
-    return usable[n_heldout:], usable[:n_heldout]
+    usable = sorted(
+        (d for d in docs if d.probes),
+        key=lambda d: hashlib.sha256(f"{seed}:{d.id}".encode()).hexdigest(),
+    )
+    candidates = [d for d in usable if d.id not in trained]
+    n_heldout = min(heldout, len(candidates), max(0, len(usable) - 1))
+    held = candidates[:n_heldout]
+    return [d for d in usable if d not in held], held
 
 
 def round_documents(pool: Sequence[Doc], n: int, round_index: int) -> list[Doc]:
@@ -190,16 +197,23 @@ class RestemLoop:
     # -- entry point ------------------------------------------------------------------------
 
     async def run(
-        self, docs: Sequence[Doc], *, policy: PolicyRef, shape: RunShape | None = None
+        self,
+        docs: Sequence[Doc],
+        *,
+        policy: PolicyRef,
+        shape: RunShape | None = None,
+        trained: Collection[str] = (),
     ) -> RestemResult:
-        """All rounds over ``docs`` (only those with probes are used), starting at ``policy``.
+        """All rounds over ``docs`` (only those with probes are used), starting at ``policy``;
+        documents in ``trained`` (ids an earlier policy learned from) are never held out.
 
         Raises:
             ValueError: no document has probes.
         """
         shape = shape or RunShape.of(self.settings)
-        pool, heldout = split_documents(docs, heldout=self.settings.heldout_docs,
-                                        seed=self.settings.seed)  # fmt: skip
+        pool, heldout = split_documents(
+            docs, heldout=self.settings.heldout_docs, seed=self.settings.seed, trained=trained
+        )
         if not pool:
             raise ValueError("ReSTEM needs documents with probes; none of them has any")
         per_round = min(shape.docs, len(pool))

@@ -31,6 +31,7 @@ from workers.restem.job import (
     RegistryPolicyStore,
     RegistryTrialHost,
     _apply_gates,
+    _policy_documents,
     _store_self_edits,
     namespace_documents,
     remove_trials,
@@ -98,6 +99,7 @@ async def test_trials_policies_gates_and_self_edits_on_the_registry(
         v1 = await store.register(tiny[0], parent=None, round_index=0, examples=[example])
         v2 = await store.register(tiny[2], parent=v1, round_index=1, examples=[example])
         assert (v1, v2) == ("acme-policy@v1", "acme-policy@v2")
+        assert await _policy_documents(ctx) == {"d0"}  # never held out by later jobs
         assert await store.adapter_dir(v1) == registry.blobs.path_for(
             (await registry.resolve(v1)).blob_sha256
         )

@@ -4,6 +4,7 @@ The same loop runs on the real engine and PEFT in test_restem_live.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -42,6 +43,21 @@ def test_split_documents_holds_out_documents_with_probes() -> None:
     assert split_documents(DOCS, heldout=1, seed=0) == (pool, heldout)  # seeded
     only = split_documents(DOCS[:1], heldout=2, seed=0)
     assert only == ([DOCS[0]], [])  # one document: nothing to hold out
+
+
+def test_documents_a_policy_was_trained_on_are_never_held_out() -> None:
+    docs = [replace(DOCS[0], id=f"doc_{i:03d}") for i in range(40)]
+    trained: set[str] = set()
+    for n in range(2, len(docs) + 1):  # documents arrive one at a time; a job after each
+        pool, heldout = split_documents(docs[:n], heldout=3, seed=7, trained=trained)
+        assert not {d.id for d in heldout} & trained
+        assert len(pool) + len(heldout) == n
+        trained |= {d.id for d in pool[:2]}  # what this job's policy trained on
+    # Without that record the hash order still keeps the held-out set stable over arrivals.
+    first = {d.id for d in split_documents(docs[:10], heldout=3, seed=7)[1]}
+    later = {d.id for d in split_documents(docs, heldout=3, seed=7)[1]}
+    assert len(first) == len(later) == 3
+    assert later <= first | {d.id for d in docs[10:]}
 
 
 async def test_round_rewards_select_winners_and_train_the_policy() -> None:
