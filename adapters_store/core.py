@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +226,11 @@ class RegistryCore:
                 f"adapter version id {version_id} does not exist", code="version_not_found"
             )
         return row
+
+    async def existing_version_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of `ids` still name a version (the rest were deleted)."""
+        async with self._session() as session:
+            return set(await repo.existing_version_ids(session, ids=ids))
 
     async def list_versions(self, namespace: str) -> list[AdapterVersion]:
         async with self._session() as session:

@@ -27,9 +27,27 @@ from app.db.models import UTCDateTime, utcnow
 
 NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 RESERVED_NAMESPACES = frozenset({"base"})
+POLICY_SUFFIX = "-policy"
+"""`<ns>-policy` holds namespace ns's self-edit policy adapters (ReSTEM)."""
+TRIAL_SUFFIX = "-trial"
+"""`<ns>-trial` holds ReSTEM's temporary inner-loop adapters while they are scored."""
+DERIVED_SUFFIXES = (POLICY_SUFFIX, TRIAL_SUFFIX)
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 """Alias kept by promote/rollback: where a plain rollback goes next."""
+
+
+def policy_namespace(namespace: str) -> str:
+    return f"{namespace}{POLICY_SUFFIX}"
+
+
+def trial_namespace(namespace: str) -> str:
+    return f"{namespace}{TRIAL_SUFFIX}"
+
+
+def is_derived_namespace(name: str) -> bool:
+    """A namespace the system keeps for another one (policy or trial adapters)."""
+    return name.endswith(DERIVED_SUFFIXES)
 
 
 class AdapterStatus(StrEnum):

@@ -65,6 +65,11 @@ async def get_version_by_id(session: AsyncSession, *, version_id: int) -> Adapte
     return await session.scalar(stmt.execution_options(populate_existing=True))
 
 
+async def existing_version_ids(session: AsyncSession, *, ids: Sequence[int]) -> Sequence[int]:
+    stmt = select(AdapterVersion.id).where(AdapterVersion.id.in_(list(ids)))
+    return (await session.scalars(stmt)).all()
+
+
 async def list_versions(session: AsyncSession, *, namespace_id: int) -> Sequence[AdapterVersion]:
     stmt = (
         select(AdapterVersion)

@@ -17,6 +17,7 @@ from app.services.chat import ChatService
 from app.services.completions import CompletionService
 from app.services.ingest import IngestService
 from app.services.jobs import JobService
+from app.services.restem import RestemService
 from app.settings import Settings
 from app.state import AppState
 
@@ -73,6 +74,10 @@ def _jobs(state: StateDep) -> JobService:
     return state.jobs
 
 
+def _restem(state: StateDep) -> RestemService:
+    return state.restem
+
+
 async def _session(state: StateDep) -> AsyncIterator[AsyncSession]:
     async with state.sessionmaker() as session:
         yield session
@@ -90,6 +95,7 @@ ChatServiceDep = Annotated[ChatService, Depends(_chat)]
 CompletionServiceDep = Annotated[CompletionService, Depends(_completions)]
 IngestServiceDep = Annotated[IngestService, Depends(_ingest)]
 JobServiceDep = Annotated[JobService, Depends(_jobs)]
+RestemServiceDep = Annotated[RestemService, Depends(_restem)]
 
 
 def require(role: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:

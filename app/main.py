@@ -17,7 +17,7 @@ from adapters_store.events import RedisChangePublisher
 from adapters_store.registry import AdapterRegistry
 from app import __version__
 from app.api import documents, health, jobs
-from app.api.admin import adapters, keys
+from app.api.admin import adapters, keys, restem
 from app.api.openai import chat, completions, models
 from app.api.streaming import ClientDisconnected
 from app.auth import Authenticator
@@ -34,6 +34,7 @@ from app.services.generation import GenerationService
 from app.services.hotswap import HotSwap
 from app.services.ingest import IngestService
 from app.services.jobs import JobQueue, JobService
+from app.services.restem import RestemService
 from app.settings import Settings, get_settings
 from app.state import AppState
 
@@ -105,6 +106,12 @@ def _build_state(settings: Settings, engine: EngineClient, metrics: Metrics) -> 
         completions=CompletionService(generation),
         ingest=IngestService(sessionmaker, job_queue, settings.pipeline),
         jobs=JobService(sessionmaker),
+        restem=RestemService(
+            sessionmaker,
+            job_queue,
+            settings.restem,
+            max_attempts=settings.pipeline.max_attempts,
+        ),
         job_queue=job_queue,
         publisher=publisher,
     )
@@ -154,7 +161,7 @@ def create_app(settings: Settings | None = None, *, engine: EngineClient | None 
     app = FastAPI(title="selfadapt", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _client_gone)
-    routers = (health, chat, completions, models, keys, adapters, documents, jobs)
+    routers = (health, chat, completions, models, keys, adapters, restem, documents, jobs)
     for module in routers:
         app.include_router(module.router)
     return app

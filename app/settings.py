@@ -6,10 +6,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+ALL_LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""LoRA targets covering every linear layer of a Llama/Qwen-style block."""
 
 
 class EngineSettings(BaseModel):
@@ -121,15 +123,7 @@ class PipelineSettings(BaseModel):
     )
     max_seq_len: int = Field(256, ge=16, description="tokens per training sequence")
     targets: list[str] = Field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        default_factory=lambda: list(ALL_LINEAR_TARGETS),
         description="LoRA target modules (all linear layers by default)",
     )
     sentence_sequences: bool = Field(
@@ -155,6 +149,88 @@ class PipelineSettings(BaseModel):
     guard_path: Path | None = Field(None, description="guard QA JSONL; default: bundled set")
     guard_metric: Literal["f1", "em", "contains"] = "contains"
     gate_metric: Literal["f1", "em", "contains"] = "f1"
+
+
+class RestemSettings(BaseModel):
+    """ReSTEM outer loop: self-edit policy learning (SELFADAPT_RESTEM__*).
+
+    Defaults are sized for the bundled 135M model on a CPU; SEAL's setting (Qwen2.5-7B on a
+    GPU) is rank 32, alpha 64, q/v targets, lr 1e-3, 10 epochs, K=5, 50 documents, 3 repeats.
+    """
+
+    rounds: int = Field(1, ge=1, le=20, description="ReSTEM rounds per job")
+    docs: int = Field(4, ge=1, description="documents (with probes) per round")
+    samples: int = Field(3, ge=1, description="self-edits sampled per document (K)")
+    repeats: int = Field(1, ge=1, description="inner-loop trainings averaged per self-edit")
+    max_docs: int = Field(50, ge=1, description="largest `docs` a job may ask for")
+    max_samples: int = Field(10, ge=1, description="largest `samples` a job may ask for")
+    max_rounds: int = Field(5, ge=1, description="largest `rounds` a job may ask for")
+    max_repeats: int = Field(5, ge=1, description="largest `repeats` a job may ask for")
+    heldout_docs: int = Field(
+        2, ge=0, description="documents kept out of policy training to gate the policy"
+    )
+    formats: list[str] = Field(
+        default_factory=lambda: ["implications", "implications_long", "rewrite", "self_qa"],
+        description="self-edit formats the loop chooses among",
+    )
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="format -> prompt template overriding the built-in one ({title}, {text})",
+    )
+    temperature: float = Field(0.7, ge=0, description="self-edit sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(256, ge=16, description="longest sampled self-edit")
+    reward_metric: Literal["f1", "em", "contains"] = "f1"
+    min_reward: float = Field(
+        0.0, description="a document's best self-edit is kept when its reward is above this"
+    )
+    format_exploration: float = Field(
+        0.2, ge=0, le=1, description="share of format choices made uniformly at random"
+    )
+    format_temperature: float = Field(
+        0.05, gt=0, description="softmax temperature over mean rewards per format"
+    )
+    gate_min_gain: float = Field(
+        0.0, description="held-out mean reward gain a new policy must exceed to be promoted"
+    )
+    sentence_sequences: bool = Field(
+        False, description="inner loop also trains on each document sentence (SEAL: no)"
+    )
+    seed: int = 0
+    # --- inner loop (one temporary adapter per self-edit) ---
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    epochs: float = Field(5.0, gt=0, description="passes over document + self-edit sequences")
+    steps: int | None = Field(None, ge=1, description="fixed steps per trial (overrides epochs)")
+    max_steps: int = Field(40, ge=1, description="cap on steps per trial (CPU time)")
+    batch_size: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    targets: list[str] = Field(
+        default_factory=lambda: list(ALL_LINEAR_TARGETS),
+        description="LoRA target modules of the trial adapters",
+    )
+    # --- policy adapter (behaviour cloning on kept self-edits) ---
+    policy_rank: int = Field(16, ge=1)
+    policy_alpha: int = Field(32, ge=1)
+    policy_lr: float = Field(3e-4, gt=0)
+    policy_epochs: float = Field(2.0, gt=0)
+    policy_steps: int | None = Field(None, ge=1, description="fixed steps (overrides epochs)")
+    policy_max_seq_len: int = Field(768, ge=64, description="prompt + self-edit tokens")
+    schedule: str | None = Field(
+        None,
+        description="cron expression (UTC), e.g. '0 3 * * *': workers then queue a ReSTEM job "
+        "for every namespace with probe documents",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"not a cron expression: {value!r}")
+        return value
 
 
 class Settings(BaseSettings):
@@ -189,6 +265,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     registry: RegistrySettings = RegistrySettings()
     pipeline: PipelineSettings = PipelineSettings()
+    restem: RestemSettings = RestemSettings()
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

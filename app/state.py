@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from app.services.hotswap import HotSwap
     from app.services.ingest import IngestService
     from app.services.jobs import JobQueue, JobService
+    from app.services.restem import RestemService
 
 
 @dataclass
@@ -38,5 +39,6 @@ class AppState:
     completions: CompletionService
     ingest: IngestService
     jobs: JobService
+    restem: RestemService
     publisher: RedisChangePublisher | None = None
     job_queue: JobQueue | None = None

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 Series = Mapping[str, Sequence[float | None]]
 """Legend label -> one value per group; None draws no bar (that server was not run)."""
+Intervals = Mapping[str, Sequence[tuple[float, float] | None]]
+"""Legend label -> one (low, high) interval per group, drawn as an error bar."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Panel:
     title: str
     ylabel: str
     series: Series
+    errors: Intervals | None = None
 
 
 def bar_panels(path: Path, groups: Sequence[str], panels: Sequence[Panel], *, title: str) -> Path:
@@ -56,7 +59,7 @@ def _grouped_bars(ax: Axes, groups: Sequence[str], panel: Panel) -> None:
     for k, (label, values) in enumerate(panel.series.items()):
         xs = [i + (k - (len(panel.series) - 1) / 2) * width for i in range(len(groups))]
         heights = [v if v is not None else 0.0 for v in values]
-        bars = ax.bar(xs, heights, width, label=label)
+        bars = ax.bar(xs, heights, width, label=label, yerr=_yerr(panel, label, values))
         labels = [f"{v:.0f}" if v is not None else "" for v in values]
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
     ax.set_xticks(range(len(groups)), list(groups))
@@ -64,3 +67,19 @@ def _grouped_bars(ax: Axes, groups: Sequence[str], panel: Panel) -> None:
     ax.set_title(panel.title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _yerr(panel: Panel, label: str, values: Sequence[float | None]) -> list[list[float]] | None:
+    """Matplotlib's asymmetric ``yerr`` (distances below and above each bar), if any."""
+    intervals = (panel.errors or {}).get(label)
+    if intervals is None:
+        return None
+    below, above = [], []
+    for value, interval in zip(values, intervals, strict=True):
+        if value is None or interval is None:
+            below.append(0.0)
+            above.append(0.0)
+        else:
+            below.append(max(0.0, value - interval[0]))
+            above.append(max(0.0, interval[1] - value))
+    return [below, above]

@@ -170,8 +170,11 @@ class JobContext:
             session.add(row)
             await session.commit()
 
-    async def progress(self, stage: str, fraction: float) -> None:
+    async def progress(self, stage: str, fraction: float, *, overall: bool = False) -> None:
         """Records stage and progress and renews the lease.
+
+        ``fraction`` is the progress within ``stage``, or with ``overall=True`` the job's
+        whole progress (for jobs whose stages repeat, such as ReSTEM rounds).
 
         Raises:
             StaleAttempt / JobCancelled: the attempt must stop.
@@ -182,12 +185,12 @@ class JobContext:
         except ValueError:
             logger.warning("unknown stage %r; keeping %s", stage, self._stage)
             current = self._stage or JobStage.queued
-        start, end = STAGE_SPANS[current]
-        overall = start + (end - start) * min(max(fraction, 0.0), 1.0)
+        start, end = (0.0, 1.0) if overall else STAGE_SPANS[current]
+        overall_value = start + (end - start) * min(max(fraction, 0.0), 1.0)
         if current != self._stage:
             self._stage = current
             await self.event("stage", f"stage {current}", stage=str(current))
-        await self._write_job(stage=current, progress=overall)
+        await self._write_job(stage=current, progress=overall_value)
 
     async def _write_job(self, **values: Any) -> None:
         await self.leases.heartbeat(self.lease, session=await self._writer(), **values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -15,6 +15,25 @@ logger = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 503})
 """Overload (admission queue full) and engine not ready: both say when to come back."""
+
+
+class ChatClient(Protocol):
+    """What the learning stages need from a model server: chat choices by model name.
+
+    ``GatewayClient`` serves it over HTTP; the learning benchmark serves it in-process.
+    """
+
+    async def chat(
+        self,
+        model: str,
+        messages: Sequence[dict[str, str]],
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 64,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> list[str]: ...
 
 
 class GatewayError(RuntimeError):

@@ -117,6 +117,26 @@ async def _reap_forever(leases: Leases, queue: JobQueue, settings: Settings) -> 
         await asyncio.sleep(settings.pipeline.reaper_interval_s)
 
 
+def restem_cron(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession], queue: JobQueue
+) -> tuple[list[tuple[str, Any]], list[Any]]:
+    """The SAQ function and cron job of `settings.restem.schedule` (none when unset)."""
+    from saq.job import CronJob
+
+    from workers.restem.schedule import SCHEDULE_TASK, queue_scheduled_jobs
+
+    if settings.restem.schedule is None:
+        return [], []
+
+    async def restem_schedule(ctx: Any) -> dict[str, Any]:
+        return {"jobs": await queue_scheduled_jobs(sessionmaker, queue, settings)}
+
+    # SAQ names a cron job's task by the function's qualified name.
+    restem_schedule.__qualname__ = SCHEDULE_TASK
+    cron = CronJob(restem_schedule, cron=settings.restem.schedule, unique=True, timeout=300)
+    return [(SCHEDULE_TASK, restem_schedule)], [cron]
+
+
 async def serve(
     settings: Settings,
     *,
@@ -156,9 +176,11 @@ async def serve(
     async def adapt_documents(ctx: Context, *, job_id: str) -> dict[str, Any]:
         return await runner.run(job_id)
 
+    functions, cron_jobs = restem_cron(settings, sessionmaker, queue)
     worker = Worker(
         queue.queue,
-        functions=[(ADAPT_TASK, adapt_documents)],
+        functions=[(ADAPT_TASK, adapt_documents), *functions],
+        cron_jobs=cron_jobs,
         concurrency=1,
         id=runner.owner,
         cancellation_hard_deadline_s=10.0,

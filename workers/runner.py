@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import pipeline_repo
@@ -19,6 +20,7 @@ from app.db.jobs import (
     DocumentState,
     EventKind,
     JobEvent,
+    JobKind,
     JobStage,
     JobStatus,
 )
@@ -72,11 +74,15 @@ class JobRunner:
         registry_factory: Callable[[], AdapterRegistry],
         gateway_factory: Callable[[], GatewayClient],
         owner: str | None = None,
+        restem: Pipeline | None = None,
     ) -> None:
+        """`pipeline` runs adaptation jobs; `restem` runs ReSTEM jobs (default:
+        workers.restem.job.run_restem_job)."""
         self.settings = settings
         self.leases = Leases(sessionmaker, lease_s=settings.pipeline.lease_s)
         self.queue = queue
         self.pipeline = pipeline
+        self.restem = restem
         self.owner = owner or worker_id()
         self._registry_factory = registry_factory
         self._gateway_factory = gateway_factory
@@ -140,8 +146,21 @@ class JobRunner:
             )
         return None
 
+    async def _pipeline_for(self, job_id: str) -> Pipeline:
+        async with self.leases.sessionmaker() as session:
+            kind = await session.scalar(
+                select(AdaptationJob.kind).where(AdaptationJob.id == job_id)
+            )
+        if kind != JobKind.restem:
+            return self.pipeline
+        if self.restem is None:
+            from workers.restem.job import run_restem_job
+
+            self.restem = run_restem_job
+        return self.restem
+
     async def _attempt(self, ctx: JobContext) -> str:
-        task = asyncio.create_task(self.pipeline(ctx))
+        task = asyncio.create_task((await self._pipeline_for(ctx.job_id))(ctx))
         beat = asyncio.create_task(self._heartbeat(ctx, task))
         try:
             result = await task

@@ -1,4 +1,4 @@
-"""`selfadapt` command line: up, serve, worker, model, keys, adapters, jobs."""
+"""`selfadapt` command line: up, serve, worker, model, keys, adapters, jobs, restem."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from app.cli.adapters import adapters_app
 from app.cli.jobs import jobs_app
 from app.cli.keys import keys_app
 from app.cli.model import model_app
+from app.cli.restem import restem_app
 from app.cli.serve import serve, up
 from app.cli.worker import worker
 
@@ -26,6 +27,7 @@ cli.add_typer(model_app)
 cli.add_typer(keys_app)
 cli.add_typer(jobs_app)
 cli.add_typer(adapters_app)
+cli.add_typer(restem_app)
 
 
 def main() -> None:

@@ -54,6 +54,13 @@ class JobStatus(StrEnum):
 TERMINAL_JOB_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
+class JobKind(StrEnum):
+    """What a job does: adapt documents (the pipeline) or learn the self-edit policy."""
+
+    adapt = "adapt"
+    restem = "restem"
+
+
 class JobStage(StrEnum):
     """Pipeline stage a job is in; `done` once it has a decision."""
 
@@ -132,6 +139,11 @@ class AdaptationJob(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespace.id"))
+    kind: Mapped[JobKind] = mapped_column(
+        _str_enum(JobKind, 16), default=JobKind.adapt, server_default=JobKind.adapt.value
+    )
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    """Job-specific parameters (ReSTEM: rounds, docs, samples, repeats)."""
     status: Mapped[JobStatus] = mapped_column(_str_enum(JobStatus, 16))
     stage: Mapped[JobStage] = mapped_column(_str_enum(JobStage, 16))
     progress: Mapped[float] = mapped_column(Float, default=0.0)

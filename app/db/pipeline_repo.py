@@ -14,6 +14,7 @@ from app.db.jobs import (
     DocumentState,
     EventKind,
     JobEvent,
+    JobKind,
     JobStage,
     JobStatus,
     new_id,
@@ -75,6 +76,7 @@ async def join_or_create_job(
         select(AdaptationJob)
         .where(
             AdaptationJob.namespace_id == ns.id,
+            AdaptationJob.kind == JobKind.adapt,
             AdaptationJob.status == JobStatus.queued,
             AdaptationJob.attempt == 0,  # a retry keeps the documents its attempts trained on
         )

@@ -19,6 +19,7 @@ class FakeEngine:
         self.gate: asyncio.Event | None = None
         self.running = 0
         self.loaded: list[LoRATarget] = []
+        self.unloaded: list[int] = []
         self.requests: list[tuple[list[int], SamplingOptions, LoRATarget | None]] = []
 
     @property
@@ -43,6 +44,9 @@ class FakeEngine:
 
     async def load_adapter(self, lora: LoRATarget) -> None:
         self.loaded.append(lora)
+
+    async def unload_adapter(self, lora_id: int) -> None:
+        self.unloaded.append(lora_id)
 
     def queue_depth(self) -> int:
         return self.running

@@ -143,6 +143,13 @@ class LocalEngine:
                 ) from e
             self._loaded_loras.add(lora.lora_id)
 
+    async def unload_adapter(self, lora_id: int) -> None:
+        """Drops an adapter from the engine (GPU slot and CPU cache); a no-op when absent."""
+        llm = self._require()
+        async with self._lora_lock:
+            self._loaded_loras.discard(lora_id)
+            await llm.remove_lora(lora_id)
+
     async def generate(
         self,
         prompt_token_ids: list[int],

@@ -7,9 +7,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.jobs import Decision, DocumentState, EventKind, JobEvent, JobStage, JobStatus
+from app.db.jobs import (
+    Decision,
+    DocumentState,
+    EventKind,
+    JobEvent,
+    JobKind,
+    JobStage,
+    JobStatus,
+)
 from app.services.ingest import DocumentInput, IngestResult
 from app.services.jobs import JobView
+from app.services.restem import RestemRequest
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -115,6 +124,8 @@ class AdaptationJobPublic(BaseModel):
     id: str
     object: Literal["adaptation.job"] = "adaptation.job"
     namespace: str
+    kind: JobKind = Field(description="adapt (documents) or restem (self-edit policy)")
+    params: dict[str, Any] | None = Field(description="job parameters (ReSTEM: rounds, ...)")
     status: JobStatus
     stage: JobStage
     progress: float = Field(description="0..1 over all stages")
@@ -139,6 +150,8 @@ class AdaptationJobPublic(BaseModel):
         return cls(
             id=job.id,
             namespace=view.namespace,
+            kind=job.kind,
+            params=job.params,
             status=job.status,
             stage=job.stage,
             progress=round(job.progress, 4),
@@ -194,3 +207,17 @@ class JobEventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobEventPublic]
     has_more: bool
+
+
+class RestemJobCreate(BaseModel):
+    """Body of POST /v1/admin/namespaces/{namespace}/restem; omitted fields use the settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int | None = Field(None, description="ReSTEM rounds (settings.restem.rounds)")
+    docs: int | None = Field(None, description="documents per round, N")
+    samples: int | None = Field(None, description="self-edits sampled per document, K")
+    repeats: int | None = Field(None, description="trainings averaged per self-edit reward")
+
+    def to_request(self) -> RestemRequest:
+        return RestemRequest(self.rounds, self.docs, self.samples, self.repeats)

@@ -170,6 +170,15 @@ class RegistryAdapterResolver:
         self._targets[version_id] = target
         return target
 
+    def target_ids(self) -> list[int]:
+        """Version ids this gateway has handed to its engine (served at least once)."""
+        return list(self._targets)
+
+    def forget_target(self, version_id: int) -> bool:
+        """Drops a deleted version's cached target; True when it was known."""
+        self._names = {m: hit for m, hit in self._names.items() if hit[1].version_id != version_id}
+        return self._targets.pop(version_id, None) is not None
+
     async def target_for(self, version: AdapterVersion) -> LoRATarget:
         return await self.target(
             version_id=version.id, name=version.name, blob_sha256=version.blob_sha256
@@ -249,6 +258,23 @@ class AdapterService:
     async def load(self, version: AdapterVersion) -> None:
         """Verify the version's blob and load it into this gateway's engine (idempotent)."""
         await self._engine.load_adapter(await self._resolver.target_for(version))
+
+    async def drop_deleted(self) -> list[int]:
+        """Unloads the engine adapters of versions deleted from the registry (e.g. ReSTEM's
+        temporary trial adapters), so they stop holding engine slots and cached weights."""
+        known = self._resolver.target_ids()
+        if not known:
+            return []
+        gone = sorted(set(known) - await self._registry.existing_version_ids(known))
+        for version_id in gone:
+            self._resolver.forget_target(version_id)
+            try:
+                await self._engine.unload_adapter(version_id)
+            except Exception as e:  # the engine evicts it by LRU anyway
+                logger.warning("could not unload adapter %s: %s", version_id, e)
+        if gone:
+            logger.info("unloaded deleted adapter version(s) %s", gone)
+        return gone
 
     async def _before_move(self, version: AdapterVersion) -> None:
         target = await self._resolver.target_for(version)  # a bad blob stops it here

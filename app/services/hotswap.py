@@ -21,9 +21,10 @@ class HotSwap:
     """Drops the resolver's alias cache when the registry changes, on every gateway.
 
     With Redis, change events drop the cache at once and `preload` events load a coming
-    champion into the engine before its alias moves. While Redis is unset or unreachable,
-    aliases are re-read every `poll_s` and cached names expire after `poll_s`, so a promotion
-    shows within about `poll_s` and serving never depends on Redis.
+    champion into the engine before its alias moves. A deleted version's adapter is unloaded
+    from the engine (on its change event, or on the next poll without Redis). While Redis is
+    unset or unreachable, aliases are re-read every `poll_s` and cached names expire after
+    `poll_s`, so a promotion shows within about `poll_s` and serving never depends on Redis.
     """
 
     def __init__(
@@ -98,6 +99,8 @@ class HotSwap:
                 self._spawn(self._preload(event.version_id), name=f"preload-{event.version_id}")
             return
         self._resolver.invalidate(event.namespace)
+        if event.version_id in self._resolver.target_ids():  # maybe deleted: free its slot
+            self._spawn(self._drop_deleted(), name=f"drop-{event.version_id}")
 
     async def _preload(self, version_id: int) -> None:
         try:
@@ -115,7 +118,14 @@ class HotSwap:
             else:
                 self._resolver.max_age_s = self._poll_s
                 await self._reread()
+                await self._drop_deleted()
             await asyncio.sleep(self._poll_s)
+
+    async def _drop_deleted(self) -> None:
+        try:
+            await self._adapters.drop_deleted()
+        except Exception as e:  # best effort: vLLM's LRU evicts unused adapters anyway
+            logger.warning("could not drop deleted adapters: %s", e)
 
     async def _reread(self) -> None:
         try:

@@ -17,6 +17,7 @@ from adapters_store.models import (
     NAMESPACE_RE,
     RESERVED_NAMESPACES,
     Namespace,
+    is_derived_namespace,
 )
 from app.db import pipeline_repo
 from app.db.jobs import (
@@ -98,6 +99,13 @@ def validate_namespace(name: str) -> None:
             "then lowercase letters, digits or '-'; 'base' is reserved.",
             param="namespace",
             code="invalid_namespace",
+        )
+    if is_derived_namespace(name):
+        raise InvalidRequest(
+            f"Namespace '{name}' is reserved: names ending in '-policy' or '-trial' hold "
+            "another namespace's self-edit policy (ReSTEM) adapters.",
+            param="namespace",
+            code="reserved_namespace",
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from adapters_store.models import AdapterVersion, Namespace
 from app.db import pipeline_repo
@@ -107,17 +108,23 @@ class Page(Generic[T]):
     has_more: bool
 
 
-def _view_query() -> Select[AdaptationJob, str, int]:
+_VERSION_NS = aliased(Namespace)
+"""The result version's namespace: a ReSTEM job's version lives in `<ns>-policy`."""
+
+
+def _view_query() -> Select[AdaptationJob, str, int, str]:
     return (
-        select(AdaptationJob, Namespace.name, AdapterVersion.version)
+        select(AdaptationJob, Namespace.name, AdapterVersion.version, _VERSION_NS.name)
         .join(Namespace, Namespace.id == AdaptationJob.namespace_id)
         .outerjoin(AdapterVersion, AdapterVersion.id == AdaptationJob.result_version_id)
+        .outerjoin(_VERSION_NS, _VERSION_NS.id == AdapterVersion.namespace_id)
     )
 
 
 def _view(row: Any) -> JobView:
-    job, ns, version = row
-    return JobView(job=job, namespace=ns, result_version=f"{ns}@v{version}" if version else None)
+    job, ns, version, version_ns = row
+    name = f"{version_ns}@v{version}" if version else None
+    return JobView(job=job, namespace=ns, result_version=name)
 
 
 class JobService:

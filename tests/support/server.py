@@ -7,10 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from app.settings import Settings
 
 READY_TIMEOUT_S = 300.0
 
@@ -71,3 +76,32 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextmanager
+def fake_engine_server(settings: Settings) -> Iterator[str]:
+    """The gateway app on a FakeEngine behind a real uvicorn listener; yields its URL (CLI
+    tests, which need real HTTP but no model)."""
+    import uvicorn
+
+    from app.engine.fake import FakeEngine
+    from app.main import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, engine=FakeEngine()),
+        host="127.0.0.1",
+        port=free_port(),
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

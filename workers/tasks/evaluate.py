@@ -20,7 +20,7 @@ from workers.tasks.common import Doc, load_artifact, qa_messages, save_artifact
 if TYPE_CHECKING:
     from adapters_store.registry import ResolvedVersion
     from app.settings import Settings
-    from workers.gateway_client import GatewayClient
+    from workers.gateway_client import ChatClient
     from workers.pipeline import StageContext
     from workers.tasks.history import LearnedDoc
     from workers.tasks.train import Candidate
@@ -75,7 +75,7 @@ def build_eval_sets(
 
 
 async def answer_all(
-    gateway: GatewayClient,
+    gateway: ChatClient,
     model: str,
     items: Sequence[EvalItem],
     *,

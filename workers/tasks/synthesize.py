@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from adapters_store.models import policy_namespace
 from app.errors import NotFound
 from app.settings import PipelineSettings
 from workers.metrics import normalize_answer
@@ -19,7 +20,7 @@ from workers.tasks.common import Doc, load_artifact, save_artifact
 from workers.training.datasets import grounded_segments
 
 if TYPE_CHECKING:
-    from workers.gateway_client import GatewayClient
+    from workers.gateway_client import ChatClient
     from workers.pipeline import StageContext
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ DEFAULT_PROMPTS: dict[str, str] = {
         "Read the passage below and list the facts it states or implies, one short sentence "
         "per line. Repeat the names from the passage in every sentence.\n\n"
         "Passage:\n{title}\n{text}"
+    ),
+    "implications_long": (
+        "Read the passage below and write a long list of the facts it states or implies: "
+        "every name, number, date, place and relation, one short sentence per line. Repeat "
+        "the names from the passage in every sentence.\n\nPassage:\n{title}\n{text}"
     ),
     "rewrite": (
         "Rewrite the following passage in your own words. Keep every name, number and fact."
@@ -117,7 +123,7 @@ def degenerate_reason(text: str, *, prompt: str, document: str) -> str | None:
 
 async def policy_model(registry: Any, namespace: str, base_name: str) -> str:
     """The namespace's self-edit policy adapter (`<ns>-policy` champion) or the base model."""
-    name = f"{namespace}-policy"
+    name = policy_namespace(namespace)
     try:
         await registry.resolve(name)
     except NotFound:
@@ -126,7 +132,7 @@ async def policy_model(registry: Any, namespace: str, base_name: str) -> str:
 
 
 async def generate_self_edits(
-    gateway: GatewayClient,
+    gateway: ChatClient,
     docs: Sequence[Doc],
     settings: PipelineSettings,
     *,

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from app.auth import Role
 from app.cli import cli
-from app.engine.fake import FakeEngine
-from app.main import create_app
 from app.settings import Settings
 from tests.app.registry.conftest import gateway_settings
 from tests.conftest import _create_keys
-from tests.support.server import free_port
+from tests.support.server import fake_engine_server
 
 
 @pytest.fixture
@@ -28,20 +23,8 @@ def served(tmp_path: Path, model_dir: Path) -> Iterator[tuple[str, dict[Role, st
         tmp_path / "data", f"sqlite:///{tmp_path / 'db.sqlite'}", model_dir
     )
     keys = _create_keys(settings)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings, engine=FakeEngine()), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", keys
-    server.should_exit = True
-    thread.join(timeout=10)
+    with fake_engine_server(settings) as url:
+        yield url, keys
 
 
 def test_cli_import_promote_rollback_list_audit(

@@ -157,3 +157,45 @@ async def test_unreachable_redis_still_serves_and_polls(
         change = await gw.admin.post("/v1/admin/namespaces/acme/rollback")
         assert change.status_code == 200, change.text
         assert (await gw.ask("acme")).json()["model"] == "acme@v1"
+
+
+async def _until_unloaded(gw: InProcessGateway, version_id: int, *, within_s: float) -> float:
+    start = time.monotonic()
+    while version_id not in gw.engine.unloaded:
+        assert time.monotonic() - start < within_s, f"{version_id} still loaded"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def test_deleted_version_is_unloaded_from_the_engine_by_polling(
+    settings: Settings, keys: dict[Role, str], tiny_adapters: list[Path]
+) -> None:
+    async with in_process_gateway(settings, keys) as gw:
+        await _two_versions(gw, tiny_adapters)
+        served = await gw.ask("acme@v2", gw.operator)  # a candidate, pinned: now in the engine
+        assert served.status_code == 200, served.text
+        v2 = (await gw.state.registry.get_version("acme", 2)).id
+        async with direct_registry(settings) as registry:  # a worker deletes it
+            await registry.delete("acme", 2, "worker")
+        await _until_unloaded(gw, v2, within_s=3.0)
+        assert gw.state.resolver.target_ids() == [
+            (await gw.state.registry.resolve("acme")).version_id
+        ]
+        assert (await gw.ask("acme")).json()["model"] == "acme@v1"  # the champion stays
+
+
+@needs_redis
+async def test_deleted_version_is_unloaded_on_its_change_event(
+    settings: Settings, keys: dict[Role, str], tiny_adapters: list[Path]
+) -> None:
+    settings = settings.model_copy(update={"redis_url": REDIS_URL})
+    async with in_process_gateway(settings, keys) as gw:
+        await _until_connected(gw)
+        await _two_versions(gw, tiny_adapters)
+        assert (await gw.ask("acme@v2", gw.operator)).status_code == 200
+        v2 = (await gw.state.registry.get_version("acme", 2)).id
+        publisher = RedisChangePublisher(REDIS_URL)
+        async with direct_registry(settings, publisher) as registry:
+            await registry.delete("acme", 2, "worker")
+            assert await _until_unloaded(gw, v2, within_s=1.0) < 1.0
+        await publisher.aclose()
