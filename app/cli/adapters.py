@@ -6,52 +6,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
 from adapters_store.validation import ALLOWED_FILES
+from app.cli.http import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, call
 
 adapters_app = typer.Typer(
     name="adapters", help="Manage adapter versions (via a running gateway).", no_args_is_help=True
 )
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="SELFADAPT_URL", help="gateway base URL")]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option("--key", envvar="SELFADAPT_API_KEY", help="admin (or operator, to read) key"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the raw JSON answer")]
 NamespaceArg = Annotated[str, typer.Argument(help="namespace, e.g. acme")]
 VersionArg = Annotated[str, typer.Argument(help="version number, e.g. 7 or v7")]
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="kept in the audit trail")]
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _call(method: str, url: str, path: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
-    """One admin API call; errors print the server's message and exit 1."""
-    if not key:
-        typer.echo("error: pass --key or set SELFADAPT_API_KEY", err=True)
-        raise typer.Exit(2)
-    try:
-        r = httpx.request(
-            method,
-            url.rstrip("/") + path,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=120,
-            **kwargs,
-        )
-    except httpx.HTTPError as e:
-        typer.echo(f"error: cannot reach {url}: {e}", err=True)
-        raise typer.Exit(1) from e
-    try:
-        body: dict[str, Any] = r.json()
-    except ValueError:
-        body = {"error": {"message": r.text or r.reason_phrase}}
-    if r.is_error:
-        error = body.get("error") or {}
-        typer.echo(f"error ({r.status_code}): {error.get('message', body)}", err=True)
-        raise typer.Exit(1)
-    return body
 
 
 def _emit(body: dict[str, Any], as_json: bool, lines: list[str]) -> None:
@@ -85,10 +51,10 @@ def list_(
 ) -> None:
     """List namespaces, or one namespace's versions."""
     if namespace is None:
-        body = _call("GET", url, "/v1/admin/namespaces", key)
+        body = call("GET", url, "/v1/admin/namespaces", key)
         lines = [f"{n['name']:<24} champion={n.get('champion') or '-'}" for n in body["data"]]
     else:
-        body = _call("GET", url, f"/v1/admin/namespaces/{namespace}/versions", key)
+        body = call("GET", url, f"/v1/admin/namespaces/{namespace}/versions", key)
         lines = [_version_line(v) for v in body["data"]]
     _emit(body, as_json, lines)
 
@@ -101,7 +67,7 @@ def show(
     key: KeyOpt = None,
 ) -> None:
     """Show one version (JSON)."""
-    body = _call("GET", url, f"/v1/admin/namespaces/{namespace}/versions/{version}", key)
+    body = call("GET", url, f"/v1/admin/namespaces/{namespace}/versions/{version}", key)
     _emit(body, True, [])
 
 
@@ -116,7 +82,7 @@ def promote(
 ) -> None:
     """Make a version the namespace's champion."""
     path = f"/v1/admin/namespaces/{namespace}/versions/{version}/promote"
-    body = _call("POST", url, path, key, json={"reason": reason})
+    body = call("POST", url, path, key, json={"reason": reason})
     _emit(body, as_json, [_change_line(body)])
 
 
@@ -132,7 +98,7 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Move the champion back to the previous one (or to --to VERSION)."""
-    body = _call(
+    body = call(
         "POST",
         url,
         f"/v1/admin/namespaces/{namespace}/rollback",
@@ -165,7 +131,7 @@ def import_(
             for n, fh in zip(names, handles, strict=True)
         ]
         path = f"/v1/admin/namespaces/{namespace}/versions:import"
-        body = _call("POST", url, path, key, files=files)
+        body = call("POST", url, path, key, files=files)
     finally:
         for fh in handles:
             fh.close()
@@ -186,7 +152,7 @@ def audit(
     params: dict[str, Any] = {"limit": limit}
     if namespace:
         params["namespace"] = namespace
-    body = _call("GET", url, "/v1/admin/audit", key, params=params)
+    body = call("GET", url, "/v1/admin/audit", key, params=params)
     lines = [
         f"{e['at'][:19]}  {e['actor']:<16} {e['action']:<18} {e['target']:<20} "
         f"{e.get('reason') or ''}"

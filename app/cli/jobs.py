@@ -8,8 +8,9 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import httpx
 import typer
+
+from app.cli.http import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, call
 
 jobs_app = typer.Typer(
     name="jobs", help="Follow adaptation jobs (via a running gateway).", no_args_is_help=True
@@ -22,42 +23,14 @@ def _quiet_http() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
 
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
-UrlOpt = Annotated[str, typer.Option("--url", envvar="SELFADAPT_URL", help="gateway base URL")]
-KeyOpt = Annotated[
-    str | None, typer.Option("--key", envvar="SELFADAPT_API_KEY", help="operator or admin key")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the raw JSON answer")]
 JobArg = Annotated[str, typer.Argument(help="job id, e.g. adj_...")]
 
 
 def _get(url: str, path: str, key: str | None, **params: Any) -> dict[str, Any]:
-    """One GET; errors print the server's message and exit 1."""
-    if not key:
-        typer.echo("error: pass --key or set SELFADAPT_API_KEY", err=True)
-        raise typer.Exit(2)
     query = {k: v for k, v in params.items() if v is not None}
-    try:
-        r = httpx.get(
-            url.rstrip("/") + path,
-            params=query,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
-        )
-    except httpx.HTTPError as e:
-        typer.echo(f"error: cannot reach {url}: {e}", err=True)
-        raise typer.Exit(1) from e
-    try:
-        body: dict[str, Any] = r.json()
-    except ValueError:
-        body = {"error": {"message": r.text or r.reason_phrase}}
-    if r.is_error:
-        error = body.get("error") or {}
-        typer.echo(f"error ({r.status_code}): {error.get('message', body)}", err=True)
-        raise typer.Exit(1)
-    return body
+    return call("GET", url, path, key, timeout_s=30, params=query)
 
 
 def _when(ts: int | float | None) -> str:

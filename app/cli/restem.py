@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.adapters import DEFAULT_URL, KeyOpt, UrlOpt, _call
+from app.cli.http import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, call
 from app.cli.jobs import watch
 
 restem_app = typer.Typer(
@@ -36,7 +36,7 @@ def run(
     follow: Annotated[bool, typer.Option("--watch", help="follow the job until it ends")] = False,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the raw JSON answer")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Queue a ReSTEM job; prints its id (unset options use the server's settings)."""
     body = {
@@ -44,7 +44,7 @@ def run(
         for k, v in {"rounds": rounds, "docs": docs, "samples": samples, "repeats": repeats}.items()
         if v is not None
     }
-    job = _call("POST", url, f"/v1/admin/namespaces/{namespace}/restem", key, json=body)
+    job = call("POST", url, f"/v1/admin/namespaces/{namespace}/restem", key, json=body)
     typer.echo(json.dumps(job, indent=2) if as_json else job["id"])
     if follow:
         watch(job["id"], url=url, key=key)
