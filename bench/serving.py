@@ -26,6 +26,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from bench.plot import Panel, bar_panels
+from tests.support.keys import create_keys
 from tests.support.models import (
     VEXTORIA,
     ZORBLAT,
@@ -460,26 +461,12 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
 
 def _create_gateway_keys(data_dir: Path, model_dir: Path) -> tuple[str, str]:
     """Migrate the gateway's database and create a user and an admin key in it."""
-    from app.auth import Role, create_key
-    from app.db import migrate
-    from app.db.session import make_engine, make_sessionmaker
+    from app.auth import Role
     from app.settings import Settings
 
     settings = Settings(data_dir=data_dir, model=model_dir)
-    migrate.upgrade(settings)
-
-    async def _make() -> tuple[str, str]:
-        engine = make_engine(settings)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                _, user = await create_key(session, name="bench", role=Role.user)
-                _, admin = await create_key(session, name="bench-admin", role=Role.admin)
-                await session.commit()
-                return user, admin
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(_make())
+    keys = create_keys(settings, prefix="bench", roles=(Role.user, Role.admin))
+    return keys[Role.user], keys[Role.admin]
 
 
 def prepare(cfg: BenchConfig, work_dir: Path) -> Setup:

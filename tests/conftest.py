@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from app.auth import Role, create_key
-from app.db import migrate
+from app.auth import Role
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
+from tests.support.keys import create_keys
 from tests.support.models import (
     VEXTORIA,
     ZORBLAT,
@@ -58,21 +58,7 @@ def fact_adapters(test_cache: Path, model_dir: Path) -> dict[str, Path]:
 
 
 def _create_keys(settings: Settings) -> dict[Role, str]:
-    migrate.upgrade(settings)
-
-    async def _make() -> dict[Role, str]:
-        engine = make_engine(settings)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                keys = {}
-                for role in Role:
-                    _, keys[role] = await create_key(session, name=f"test-{role}", role=role)
-                await session.commit()
-                return keys
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(_make())
+    return create_keys(settings, prefix="test")
 
 
 def _register_adapters(settings: Settings, adapters: dict[str, Path]) -> None:

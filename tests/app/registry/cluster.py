@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,10 +11,9 @@ from typing import Any
 
 import httpx
 
-from app.auth import Role, create_key
-from app.db import migrate
-from app.db.session import make_engine, make_sessionmaker
+from app.auth import Role
 from app.settings import Settings
+from tests.support.keys import create_keys
 from tests.support.server import LiveServer
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -90,21 +88,7 @@ class Cluster:
 
 
 def _create_keys(settings: Settings) -> dict[Role, str]:
-    migrate.upgrade(settings)  # before any gateway starts: they must not race to migrate
-
-    async def _make() -> dict[Role, str]:
-        engine = make_engine(settings)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                keys = {}
-                for role in Role:
-                    _, keys[role] = await create_key(session, name=f"cluster-{role}", role=role)
-                await session.commit()
-                return keys
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(_make())
+    return create_keys(settings, prefix="cluster")
 
 
 def import_adapter(
