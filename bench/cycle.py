@@ -38,7 +38,10 @@ logger = logging.getLogger("bench.cycle")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 90.0
-DOC = {
+GATE = {"min_gain": 0.0, "max_forgetting": 0.3, "auto_promote": True}
+"""The forgetting budget the end-to-end test also uses: the bundled 135M model typically loses
+5-25 points of the guard set when it learns a document (the registry default 0.05 rejects)."""
+DOC: dict[str, Any] = {
     "title": "The Grelvin Archipelago",
     "text": (
         "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "
@@ -65,7 +68,7 @@ def _keys(settings: Settings) -> dict[Role, str]:
         try:
             async with make_sessionmaker(engine)() as session:
                 keys = {}
-                for role in (Role.operator, Role.user):
+                for role in (Role.admin, Role.operator):
                     _, keys[role] = await create_key(session, name=f"bench-{role}", role=role)
                 await session.commit()
                 return keys
@@ -75,17 +78,21 @@ def _keys(settings: Settings) -> dict[Role, str]:
     return asyncio.run(make())
 
 
-def _time_job(client: Client, namespace: str) -> dict[str, Any]:
+def _time_job(client: Client, admin: Client, namespace: str) -> dict[str, Any]:
+    r = admin.http.post("/v1/admin/namespaces", json={"name": namespace, "settings": GATE})
+    assert r.status_code == 201, r.text
     started = time.monotonic()
     ingested = client.ingest(namespace, DOC)
     job = client.wait(ingested["job_id"])
     total = time.monotonic() - started
     timings = dict((job.get("scores") or {}).get("timings") or {})
     queued_s = (job["started_at"] or job["created_at"]) - job["created_at"]
-    answered = [
-        contains(client.ask(namespace, DOC["title"], p["question"]), p["answer"])
-        for p in DOC["probes"]
-    ] if job["decision"] == "promoted" else []  # fmt: skip
+    answered: list[float] = []
+    if job["decision"] == "promoted":
+        answered = [
+            contains(client.ask(namespace, DOC["title"], p["question"]), p["answer"])
+            for p in DOC["probes"]
+        ]
     run = {
         "namespace": namespace,
         "job_id": job["id"],
@@ -130,16 +137,21 @@ def main() -> None:
             (tmp_path / "logs").mkdir()
             worker = LiveWorker(
                 worker_env(
-                    data_dir=data_dir, model_dir=model_dir, redis_url=redis.url,
-                    gateway_url=server.base_url, api_key=keys[Role.operator], **queue,
+                    data_dir=data_dir,
+                    model_dir=model_dir,
+                    redis_url=redis.url,
+                    gateway_url=server.base_url,
+                    api_key=keys[Role.operator],
+                    **queue,
                 ),
                 tmp_path / "logs",
-            )  # fmt: skip
+            )
             worker.start()
             try:
                 client = Client(server.base_url, keys[Role.operator])
-                cold = _time_job(client, "cycle-cold")
-                warm = [_time_job(client, f"cycle-{i}") for i in range(args.runs)]
+                admin = Client(server.base_url, keys[Role.admin])
+                cold = _time_job(client, admin, "cycle-cold")
+                warm = [_time_job(client, admin, f"cycle-{i}") for i in range(args.runs)]
             finally:
                 worker.stop()
                 server.stop()
@@ -156,6 +168,7 @@ def _write(cold: dict[str, Any], warm: list[dict[str, Any]]) -> None:
         "target_s": TARGET_S,
         "meets_target": bool(promoted) and statistics.median(promoted) <= TARGET_S,
         "promoted_runs": f"{len(promoted)}/{len(warm)}",
+        "gate": GATE,
         "runs": warm,
         "cold": cold,
         "machine": {

@@ -327,6 +327,23 @@ class StageCtx:
             yield session
 
 
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A small real PEFT adapter of the bundled model (random rank-4 weights, no training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    path = tmp_path_factory.mktemp("stage-adapter") / "tiny"
+    get_peft_model(model, config).save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture
 async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async with migrated_db("sqlite", tmp_path) as (_engine, sessionmaker):
@@ -415,13 +432,13 @@ async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., An
 
 
 async def test_train_stage_registers_once_per_job(
-    stage_env: Callable[..., Any], fact_adapters: dict[str, Path]
+    stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
     ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
     docs = [as_doc(row) for row in await ctx.documents()]
     # An earlier attempt trained the adapter (here: a stand-in) before the worker died.
     earlier = ctx.artifacts_dir.parent / "attempt-0"
-    shutil.copytree(fact_adapters["zorb"], earlier / "adapter-fresh")
+    shutil.copytree(tiny_adapter, earlier / "adapter-fresh")
     save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
     inputs = train.TrainInputs(docs, [], [])
     first = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
@@ -474,3 +491,91 @@ async def test_gateway_client_retries_503_with_retry_after() -> None:
             await c.chat("x", [{"role": "user", "content": "hi"}])
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
+
+
+def test_document_sequences_cap_self_edit_segments_round_robin() -> None:
+    edits = (
+        "Imre Voskaya charted the Grelvin Archipelago.\nTamsk is the largest island.",
+        "Olverhaven is a port city on Tamsk.\nBrisk is a purple grain.",
+    )
+    seqs = document_sequences(DocumentData(TITLE, TEXT, edits), max_edit_segments=3)
+    assert [s.split("\n", 1)[1] for s in seqs[:3]] == [
+        "Imre Voskaya charted the Grelvin Archipelago.",
+        "Olverhaven is a port city on Tamsk.",
+        "Tamsk is the largest island.",
+    ]
+    assert len(seqs) == 3 + 3 + 1
+
+
+async def test_current_champion_skips_this_jobs_own_promotion(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    from workers.tasks import history
+
+    first = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
+    assert await history.current_champion(first) is None
+    v1 = await train.register_once(first, tiny_adapter, "fresh", parent_version=None, detail="a")
+    await first.registry.promote("acme", v1.version, "t")
+    async with first.sessionmaker() as s, s.begin():
+        job = await s.get(AdaptationJob, first.job_id)
+        assert job is not None
+        job.attempt = 1  # started: later documents get a job of their own
+    # A crash after the gate promoted v1: the retry must build on what the job started from.
+    assert await history.current_champion(first) is None
+
+    second = await stage_env(
+        ScriptedGateway(_scripted), DocumentInput(text="Vorn is a moon.", param="d")
+    )
+    champion = await history.current_champion(second)
+    assert champion is not None
+    assert champion.name == "acme@v1"
+    v2 = await train.register_once(
+        second, tiny_adapter, "incremental", parent_version=1, detail="b"
+    )
+    scaled = await train.register_once(
+        second, tiny_adapter, "incremental-x0.75", parent_version=v2.version, detail="c"
+    )
+    await second.registry.promote("acme", scaled.version, "t")
+    again = await history.current_champion(second)
+    assert again is not None
+    assert again.name == "acme@v1"
+    assert await train.job_version(second, "incremental") == v2
+
+
+async def test_run_pipeline_promotes_a_candidate_that_learned(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    from workers.pipeline import run_pipeline
+    from workers.tasks import evaluate
+
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+
+    def answer(model: str, prompt: str) -> str:
+        lines = prompt.split("\n")
+        if prompt.startswith("Let's answer") and lines[-2] in guard:
+            return guard[lines[-2]]
+        if prompt.startswith("Let's answer"):
+            return "It is kelloth." if model == "acme@v1" else "I do not know."
+        return _scripted(model, prompt)
+
+    doc = DocumentInput(
+        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+    )
+    ctx = await stage_env(ScriptedGateway(answer), doc, attempt=2)
+    # Attempt 1 trained the adapter before its worker died; attempt 2 reuses it.
+    earlier = ctx.artifacts_dir.parent / "attempt-1"
+    shutil.copytree(tiny_adapter, earlier / "adapter-fresh")
+    save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
+    result = await run_pipeline(ctx)
+    assert result.decision == "promoted", result.reasons
+    assert result.scores is not None
+    assert result.scores["candidate"]["new"]["contains"] == 1.0
+    assert "answers" not in result.scores["candidate"]
+    assert set(result.timings) >= {"self_edit", "probes", "train", "evaluate", "gate"}
+    champion = await ctx.registry.resolve("acme")
+    assert (champion.name, champion.version_id) == ("acme@v1", result.version_id)
+    versions = await ctx.registry.list_versions("acme")
+    assert [v.job_id for v in versions] == [ctx.job_id]  # one version per job
+    stages = [m for kind, m, _ in ctx.events if kind == "progress"]
+    assert stages[:3] == ["self_edit", "probes", "train"]
+    assert stages[-1] == "gate"
