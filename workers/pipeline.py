@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -48,6 +49,8 @@ class StageContext(Protocol):
     settings: Settings
     artifacts_dir: Path
     sessionmaker: async_sessionmaker[AsyncSession]
+    stop_requested: threading.Event
+    """Set when the attempt must stop (cancelled, lease lost): training polls it every step."""
 
     @property
     def registry(self) -> AdapterRegistry: ...

@@ -3,7 +3,9 @@ idempotency on a real database and registry (a scripted gateway stands in for th
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from adapters_store.blobs import BlobStore
 from adapters_store.models import AdapterStatus, NamespaceSettings
 from adapters_store.registry import AdapterRegistry
-from app.db.jobs import AdaptationJob, Document, SelfEdit
+from app.db.jobs import AdaptationJob, Document, DocumentState, SelfEdit
 from app.services.ingest import DocumentInput, IngestService
 from app.settings import PipelineSettings, Settings
 from tests.factories import migrated_db
-from workers.tasks import probes, promote, synthesize, train
+from workers.tasks import evaluate, probes, promote, synthesize, train
 from workers.tasks.common import Doc, Probe, as_doc, load_artifact, save_artifact
 from workers.training.datasets import (
     DocumentData,
@@ -302,6 +304,7 @@ class StageCtx:
     gateway: Any
     attempt: int = 1
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
 
     async def documents(self) -> list[Document]:
         async with self.sessionmaker() as s:
@@ -546,7 +549,6 @@ async def test_run_pipeline_promotes_a_candidate_that_learned(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
     from workers.pipeline import run_pipeline
-    from workers.tasks import evaluate
 
     guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
 
@@ -579,3 +581,175 @@ async def test_run_pipeline_promotes_a_candidate_that_learned(
     stages = [m for kind, m, _ in ctx.events if kind == "progress"]
     assert stages[:3] == ["self_edit", "probes", "train"]
     assert stages[-1] == "gate"
+
+
+@pytest.mark.parametrize("how", ["stop_requested", "cancelled"])
+async def test_training_stops_at_the_next_step(
+    stage_env: Callable[..., Any],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """A cancelled job (the runner sets ctx.stop_requested and cancels the pipeline task) ends
+    real PEFT training within a step, and the stage returns only once the thread is done."""
+    import asyncio
+
+    from workers.training import peft_trainer
+
+    ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
+    ctx.settings = Settings(data_dir=ctx.settings.data_dir, model=model_dir)
+    done: list[int] = []
+    ended: list[BaseException | None] = []
+    real = peft_trainer.train_lora
+
+    def recording(*args: Any, on_step: Callable[[int, int, float], None], **kw: Any) -> Any:
+        def step(n: int, total: int, loss: float) -> None:
+            done.append(n)
+            on_step(n, total, loss)
+
+        try:
+            result = real(*args, on_step=step, **kw)
+        except BaseException as e:
+            ended.append(e)
+            raise
+        ended.append(None)
+        return result
+
+    monkeypatch.setattr(peft_trainer, "train_lora", recording)
+    hyper = peft_trainer.LoRAHyper(
+        rank=4, alpha=8, target_modules=("q_proj",), steps=100_000, batch_size=1, max_len=32
+    )
+    out_dir = tmp_path / "adapter"
+    examples = [peft_trainer.TextExample(TEXT)]
+    run = asyncio.create_task(train._run_training(ctx, examples, out_dir, hyper, None))
+    for _ in range(2400):  # training has taken two steps (model load included: < 120 s)
+        if len(done) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    if how == "stop_requested":
+        ctx.stop_requested.set()
+        with pytest.raises(train.TrainingStopped):
+            await asyncio.wait_for(run, 30)
+    else:
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 30)
+    # The thread has already ended when the stage returns, within a step of the request.
+    assert len(ended) == 1
+    assert isinstance(ended[0], train.TrainingStopped)
+    steps = len(done)
+    await asyncio.sleep(0.5)
+    assert len(done) == steps <= 6
+    assert not out_dir.exists()
+
+
+class Crash(Exception):
+    """Stands in for a SIGKILL: the attempt stops where it is, its commits stay."""
+
+
+async def _learned_first_document(stage_env: Callable[..., Any], tiny_adapter: Path) -> Any:
+    """Job 1 learned doc0 (acme@v1 is the champion, its document `learned`)."""
+    from workers.pipeline import run_pipeline
+
+    probe = ("What is brewed?", "kelloth")
+    doc0 = DocumentInput(text=TEXT, param="d0", title=TITLE, probes=[probe])
+    first = await stage_env(ScriptedGateway(_consolidation_answers(crash=None)), doc0)
+    _pretrained(first, tiny_adapter, "fresh")
+    assert (await run_pipeline(first)).decision == "promoted"
+    async with first.sessionmaker() as s, s.begin():
+        job = await s.get(AdaptationJob, first.job_id)
+        assert job is not None
+        job.attempt = 1  # started: later documents get a job of their own
+        for row in await s.scalars(select(Document)):
+            row.state = DocumentState.learned
+    return first
+
+
+def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
+    """An earlier attempt trained the ``mode`` adapter (a stand-in) before its worker died."""
+    earlier = ctx.artifacts_dir.parent / "attempt-0"
+    shutil.copytree(adapter, earlier / f"adapter-{mode}")
+    save_artifact(earlier, f"train-{mode}.json", {"adapter_dir": earlier / f"adapter-{mode}"})
+
+
+def _consolidation_answers(crash: str | None) -> Callable[[str, str], str]:
+    """v1 knows doc0; the incremental v2 learned doc1 but forgot doc0; the consolidated v3
+    knows both. ``crash="evaluate"`` kills the first question to v3."""
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+
+    def answer(model: str, prompt: str) -> str:
+        if not prompt.startswith("Let's answer"):
+            return _scripted(model, prompt)
+        question = prompt.split("\n")[-2]
+        if crash == "evaluate" and model == "acme@v3":
+            raise Crash("worker killed while evaluating the consolidated candidate")
+        if question in guard:
+            return guard[question]
+        gold, models = knows.get(question, ("", set()))
+        return gold if model in models else "I do not know."
+
+    return answer
+
+
+@pytest.mark.parametrize("crash", ["evaluate", "after_promote"])
+async def test_consolidation_registers_once_per_mode_across_a_crash(
+    stage_env: Callable[..., Any], tiny_adapter: Path, crash: str
+) -> None:
+    """Retention breaks -> the job consolidates (a second version of the same job, the
+    incremental one rejected); a crash and a retry add no version and no promotion."""
+    from adapters_store.models import AuditEvent
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash)), doc1)
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, tiny_adapter, "consolidate")
+    if crash == "after_promote":
+
+        async def killed_after_the_gate(kind: str, message: str, **data: Any) -> None:
+            if message.startswith("gate:"):
+                raise Crash("worker killed right after the promotion committed")
+
+        ctx.event = killed_after_the_gate  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        await run_pipeline(ctx)
+
+    retry = dataclasses.replace(
+        ctx,
+        attempt=2,
+        artifacts_dir=ctx.artifacts_dir.parent / "attempt-2",
+        gateway=ScriptedGateway(_consolidation_answers(crash=None)),
+        events=[],
+    )
+    result = await run_pipeline(retry)
+
+    assert result.decision == "promoted", result.reasons
+    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
+    modes = {(v.note or "").split(":")[0]: v for v in versions}
+    assert sorted(modes) == ["consolidate", "incremental"]
+    assert modes["incremental"].status == AdapterStatus.rejected
+    assert modes["consolidate"].id == result.version_id
+    assert modes["consolidate"].parent_version_id is not None  # it replaces acme@v1
+    champion = await ctx.registry.resolve("acme")
+    assert champion.version_id == result.version_id
+    assert result.scores is not None
+    assert result.scores["mode"] == "consolidate"
+    assert result.scores["candidate"]["retention"]["f1"] == 1.0
+    async with ctx.sessionmaker() as s:
+        actions = list(
+            await s.scalars(
+                select(AuditEvent.action)
+                .where(AuditEvent.action.in_(["version.create", "version.promote"]))
+                .order_by(AuditEvent.id)
+            )
+        )
+    # job 1: create + promote v1; job 2: create v2, create v3, promote v3 (once).
+    job1 = ["version.create", "version.promote"]
+    assert actions == [*job1, "version.create", "version.create", "version.promote"]

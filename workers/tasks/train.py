@@ -4,6 +4,7 @@ candidate keyed by the job id (incremental from the champion, fresh, or consolid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -240,7 +241,12 @@ async def _run_training(
     init_dir: Path | None,
 ) -> TrainResult:
     """train_lora in a thread (the event loop keeps heartbeating the lease), with losses and
-    progress reported from the loop; a stop request ends training at the next step."""
+    progress reported from the loop.
+
+    ``ctx.stop_requested`` (set when the job is cancelled or the lease is lost) and the
+    cancellation of this coroutine both end training at the next optimizer step; on
+    cancellation the coroutine returns only once the thread has stopped.
+    """
     import shutil
 
     from app.model_prep import resolve_model_dir
@@ -249,10 +255,10 @@ async def _run_training(
     loop = asyncio.get_running_loop()
     steps: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
     stop = threading.Event()
-    external: threading.Event | None = getattr(ctx, "stop_requested", None)
+    external = ctx.stop_requested
 
     def on_step(step: int, total: int, loss: float) -> None:
-        if stop.is_set() or (external is not None and external.is_set()):
+        if stop.is_set() or external.is_set():
             raise TrainingStopped("training stopped: the attempt was told to stop")
         loop.call_soon_threadsafe(steps.put_nowait, (step, total, loss))
 
@@ -271,9 +277,13 @@ async def _run_training(
     )
     try:
         await _report(ctx, task, steps)
-        return await task
+        return await asyncio.shield(task)  # cancelling us must not detach the thread's task
     except BaseException:
         stop.set()
+        # The thread ends at its next step; wait for it, so a cancelled or stopped attempt
+        # never leaves a training run behind on the CPU the next job will need.
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(task)
         raise
 
 
