@@ -168,14 +168,51 @@ def _update(stack: Stack, namespace: str, passage: Passage) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Progress:
+    """What the run has measured so far (written after every update, so a run cut short
+    still leaves its rows)."""
+
+    passages: list[Passage]
+    settings: dict[str, str]
+    gate: dict[str, Any] | None
+    base_docs: list[dict[str, float]]
+    base_guard: dict[str, float]
+    f1_rows: list[list[float]]
+    contains_rows: list[list[float]]
+    guard: list[dict[str, float]]
+    updates: list[dict[str, Any]]
+
+    def result(self, data: Path) -> dict[str, Any]:
+        f1, contained = lower_triangle(self.f1_rows), lower_triangle(self.contains_rows)
+        return {
+            "data": str(data),
+            "complete": len(self.updates) == len(self.passages),
+            "documents": [
+                {"id": p.id, "title": p.title, "n": len(p.questions)} for p in self.passages
+            ],
+            "gate": self.gate or "registry defaults",
+            "worker_settings": self.settings,
+            "base": {
+                "f1": [d["f1"] for d in self.base_docs],
+                "contains": [d["contains"] for d in self.base_docs],
+                "guard": self.base_guard,
+            },
+            "f1": f1,
+            "contains": contained,
+            "diagonal": {"f1": diagonal(f1), "contains": diagonal(contained)},
+            "retention": {"f1": retention(f1), "contains": retention(contained)},
+            "retention_target": TARGET_RETENTION,
+            "guard": self.guard,
+            "updates": self.updates,
+            "machine": machine(),
+        }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Learns the documents in order, measuring after each update; writes ``args.out``."""
     passages = load_passages(args.data, args.docs, seed=args.sample_seed)
     guard = load_guard(args.guard)
-    gate, settings = gate_from(args), parse_settings(args.set)
-    f1_rows: list[list[float]] = []
-    contains_rows: list[list[float]] = []
-    updates: list[dict[str, Any]] = []
-    guard_scores: list[dict[str, float]] = []
 
     def measure(stack: Stack, model: str) -> tuple[list[dict[str, float]], dict[str, float]]:
         key = stack.keys[Role.operator]  # pinned versions need an operator key
@@ -191,44 +228,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
 
+    gate, settings = gate_from(args), parse_settings(args.set)
     with live_stack(model_dir=args.model, worker_settings=settings) as stack:
         stack.create_namespace(args.namespace, gate)
         base_docs, base_guard = measure(stack, "base")
+        progress = Progress(passages, settings, gate, base_docs, base_guard, [], [], [], [])
         for passage in passages:
             update = _update(stack, args.namespace, passage)
             update["model"] = model = _champion(stack, args.namespace)
             docs, guard_score = measure(stack, model)
-            f1_rows.append([d["f1"] for d in docs])
-            contains_rows.append([d["contains"] for d in docs])
-            guard_scores.append(guard_score)
-            updates.append(update)
+            progress.f1_rows.append([d["f1"] for d in docs])
+            progress.contains_rows.append([d["contains"] for d in docs])
+            progress.guard.append(guard_score)
+            progress.updates.append(update)
             logger.info(
                 "after %s (%s): f1 %s guard %.2f",
                 passage.id,
                 model,
-                [round(d["f1"], 2) for d in docs[: len(f1_rows)]],
+                [round(d["f1"], 2) for d in docs[: len(progress.updates)]],
                 guard_score["contains"],
             )
-    f1, contained = lower_triangle(f1_rows), lower_triangle(contains_rows)
-    return {
-        "data": str(args.data),
-        "documents": [{"id": p.id, "title": p.title, "n": len(p.questions)} for p in passages],
-        "gate": gate or "registry defaults",
-        "worker_settings": settings,
-        "base": {
-            "f1": [d["f1"] for d in base_docs],
-            "contains": [d["contains"] for d in base_docs],
-            "guard": base_guard,
-        },
-        "f1": f1,
-        "contains": contained,
-        "diagonal": {"f1": diagonal(f1), "contains": diagonal(contained)},
-        "retention": {"f1": retention(f1), "contains": retention(contained)},
-        "retention_target": TARGET_RETENTION,
-        "guard": guard_scores,
-        "updates": updates,
-        "machine": machine(),
-    }
+            _write(progress.result(args.data), args.out)
+    return progress.result(args.data)
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -236,7 +262,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     labels = [d["id"].removeprefix("made-up-") for d in result["documents"]]
     guard = [g["contains"] for g in result["guard"]]
-    rows = [f"after {lab} (guard {g:.2f})" for lab, g in zip(labels, guard, strict=True)]
+    rows = [f"after {lab} (guard {g:.2f})" for lab, g in zip(labels, guard, strict=False)]
     f1_ret = result["retention"]["f1"]["mean"]
     title = "F1 on document i after update j" + (
         f"; mean retention {f1_ret:.0%}" if f1_ret is not None else ""
@@ -262,8 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    _write(result, args.out)
     png = plot(result, args.out.with_suffix(".png"))
     logger.info(
         "wrote %s and %s: retention f1 %s contains %s",
