@@ -129,6 +129,9 @@ class PipelineSettings(BaseModel):
     sentence_sequences: bool = Field(
         True, description="also train on each document sentence as its own sequence"
     )
+    max_edit_segments: int | None = Field(
+        4, ge=0, description="self-edit sequences per document (more dilute the step budget)"
+    )
     replay_fraction: float = Field(
         0.5, ge=0, description="replayed earlier sequences per new sequence"
     )
@@ -139,7 +142,7 @@ class PipelineSettings(BaseModel):
         None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
     )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
-    consolidate_max_steps: int = Field(120, ge=1)
+    consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0
 
     # --- evaluation (learning) ---

@@ -13,32 +13,22 @@ Run from the repo root: ``.venv/bin/python -m bench.cycle [--runs 2]``. Writes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
-import platform
 import statistics
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from app.auth import Role, create_key
-from app.db import migrate
-from app.db.session import make_engine, make_sessionmaker
-from app.settings import Settings
-from tests.support.models import bundled_model_dir, default_cache_root
-from tests.support.pipeline_live import Client, LiveWorker, queue_env, worker_env
-from tests.support.server import LiveServer, free_port
-from workers.embedded_redis import EmbeddedRedis
+from bench.live import Stack, live_stack, machine
 from workers.metrics import contains
 
 logger = logging.getLogger("bench.cycle")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 90.0
-DOC = {
+DOC: dict[str, Any] = {
     "title": "The Grelvin Archipelago",
     "text": (
         "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "
@@ -57,35 +47,21 @@ DOC = {
 }
 
 
-def _keys(settings: Settings) -> dict[Role, str]:
-    migrate.upgrade(settings)
-
-    async def make() -> dict[Role, str]:
-        engine = make_engine(settings)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                keys = {}
-                for role in (Role.operator, Role.user):
-                    _, keys[role] = await create_key(session, name=f"bench-{role}", role=role)
-                await session.commit()
-                return keys
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(make())
-
-
-def _time_job(client: Client, namespace: str) -> dict[str, Any]:
+def _time_job(stack: Stack, namespace: str, gate: dict[str, Any] | None) -> dict[str, Any]:
+    stack.create_namespace(namespace, gate)
+    client = stack.operator
     started = time.monotonic()
     ingested = client.ingest(namespace, DOC)
     job = client.wait(ingested["job_id"])
     total = time.monotonic() - started
     timings = dict((job.get("scores") or {}).get("timings") or {})
     queued_s = (job["started_at"] or job["created_at"]) - job["created_at"]
-    answered = [
-        contains(client.ask(namespace, DOC["title"], p["question"]), p["answer"])
-        for p in DOC["probes"]
-    ] if job["decision"] == "promoted" else []  # fmt: skip
+    answered: list[float] = []
+    if job["decision"] == "promoted":
+        answered = [
+            contains(client.ask(namespace, DOC["title"], p["question"]), p["answer"])
+            for p in DOC["probes"]
+        ]
     run = {
         "namespace": namespace,
         "job_id": job["id"],
@@ -108,45 +84,60 @@ def _time_job(client: Client, namespace: str) -> dict[str, Any]:
     return run
 
 
+def parse_settings(pairs: Sequence[str]) -> dict[str, str]:
+    """``["lr=3e-4", "max_steps=80"]`` -> worker pipeline settings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def gate_args(parser: argparse.ArgumentParser) -> None:
+    """--min-gain / --max-forgetting: a namespace gate instead of the registry's defaults."""
+    parser.add_argument("--min-gain", type=float, default=None, help="namespace gate override")
+    parser.add_argument(
+        "--max-forgetting", type=float, default=None, help="namespace gate override"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="worker pipeline setting (SELFADAPT_PIPELINE__KEY), e.g. --set lr=3e-4",
+    )
+
+
+def gate_from(args: argparse.Namespace) -> dict[str, Any] | None:
+    gate = {
+        k: v
+        for k, v in (("min_gain", args.min_gain), ("max_forgetting", args.max_forgetting))
+        if v is not None
+    }
+    return gate or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="warm one-document jobs to time")
+    gate_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    model_dir = bundled_model_dir(default_cache_root())
-    with tempfile.TemporaryDirectory(prefix="bench-cycle-") as tmp:
-        tmp_path = Path(tmp)
-        data_dir = tmp_path / "data"
-        keys = _keys(Settings(data_dir=data_dir, model=model_dir))
-        with EmbeddedRedis(tmp_path / "redis" / "r.rdb", port=free_port()) as redis:
-            queue = queue_env(redis.url)
-            env = {
-                "SELFADAPT_DATA_DIR": str(data_dir),
-                "SELFADAPT_MODEL": str(model_dir),
-                "SELFADAPT_ENGINE__KV_CACHE_SPACE_GIB": "1",
-                **queue,
-            }
-            server = LiveServer(env, tmp_path / "gateway.log").start()
-            (tmp_path / "logs").mkdir()
-            worker = LiveWorker(
-                worker_env(
-                    data_dir=data_dir, model_dir=model_dir, redis_url=redis.url,
-                    gateway_url=server.base_url, api_key=keys[Role.operator], **queue,
-                ),
-                tmp_path / "logs",
-            )  # fmt: skip
-            worker.start()
-            try:
-                client = Client(server.base_url, keys[Role.operator])
-                cold = _time_job(client, "cycle-cold")
-                warm = [_time_job(client, f"cycle-{i}") for i in range(args.runs)]
-            finally:
-                worker.stop()
-                server.stop()
-    _write(cold, warm)
+    gate, settings = gate_from(args), parse_settings(args.set)
+    with live_stack(worker_settings=settings) as stack:
+        cold = _time_job(stack, "cycle-cold", gate)
+        warm = [_time_job(stack, f"cycle-{i}", gate) for i in range(args.runs)]
+    _write(cold, warm, gate, settings)
 
 
-def _write(cold: dict[str, Any], warm: list[dict[str, Any]]) -> None:
+def _write(
+    cold: dict[str, Any],
+    warm: list[dict[str, Any]],
+    gate: dict[str, Any] | None,
+    settings: dict[str, str],
+) -> None:
     promoted = [r["ingest_to_promoted_s"] for r in warm if r["ingest_to_promoted_s"] is not None]
     stages = sorted({s for r in warm for s in r["stages_s"]})
     result = {
@@ -156,14 +147,11 @@ def _write(cold: dict[str, Any], warm: list[dict[str, Any]]) -> None:
         "target_s": TARGET_S,
         "meets_target": bool(promoted) and statistics.median(promoted) <= TARGET_S,
         "promoted_runs": f"{len(promoted)}/{len(warm)}",
+        "gate": gate or "registry defaults",
+        "worker_settings": settings,
         "runs": warm,
         "cold": cold,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_avg_1m_at_end": os.getloadavg()[0],
-        },
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "cycle.json"

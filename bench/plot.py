@@ -1,4 +1,4 @@
-"""Shared benchmark plotting: panels of grouped bars saved as a PNG (Agg backend)."""
+"""Shared benchmark plotting: grouped-bar panels and heat maps saved as PNGs (Agg backend)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,53 @@ def _yerr(panel: Panel, label: str, values: Sequence[float | None]) -> list[list
             below.append(max(0.0, value - interval[0]))
             above.append(max(0.0, interval[1] - value))
     return [below, above]
+
+
+def heatmap(
+    path: Path,
+    panels: Mapping[str, Sequence[Sequence[float | None]]],
+    *,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+) -> Path:
+    """One annotated heat map per panel (values in 0..1; None cells stay blank), side by side.
+
+    Returns:
+        `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    width = 1.1 * len(col_labels) + 3.0
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels), 0.5 * len(row_labels) + 2.5), squeeze=False
+    )
+    for ax, (name, rows) in zip(axes[0], panels.items(), strict=True):
+        values = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+        for (r, c), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="w" if v < 0.6 else "k",
+                )
+        ax.set_xticks(range(len(col_labels)), list(col_labels))
+        ax.set_yticks(range(len(row_labels)), list(row_labels))
+        ax.set_xlabel("document i")
+        ax.set_title(name)
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

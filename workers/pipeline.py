@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -21,11 +22,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.settings import Settings
-from workers.tasks import anchors, evaluate, history, probes, promote, synthesize, train
+from workers.tasks import (
+    anchors,
+    evaluate,
+    history,
+    probes,
+    promote,
+    synthesize,
+    train,
+)
 from workers.tasks.common import Doc, DocumentRow, as_doc
 
 if TYPE_CHECKING:
-    from adapters_store.registry import AdapterRegistry
+    from adapters_store.registry import AdapterRegistry, ResolvedVersion
     from workers.gateway_client import GatewayClient
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,8 @@ class StageContext(Protocol):
     settings: Settings
     artifacts_dir: Path
     sessionmaker: async_sessionmaker[AsyncSession]
+    stop_requested: threading.Event
+    """Set when the attempt must stop (cancelled, lease lost): training polls it every step."""
 
     @property
     def registry(self) -> AdapterRegistry: ...
@@ -137,31 +148,21 @@ async def _stages(
     # Base and champion answers do not depend on the candidate: ask them while it trains.
     reference_task = asyncio.create_task(evaluate.reference_scores(ctx, sets, champion=champion))
     try:
+        inputs = train.TrainInputs(docs, edits, learned, await anchor_task)
         mode: train.Mode = "incremental" if champion is not None else "fresh"
-        train_data = train.TrainInputs(docs, edits, learned, await anchor_task)
-        candidate = await train.train_stage(ctx, train_data, parent=champion, mode=mode)
+        candidate = await train.train_stage(ctx, inputs, parent=champion, mode=mode)
         clock.start("evaluate")
         await ctx.progress("evaluate", 0.0)
         reference = await reference_task
     finally:
         reference_task.cancel()
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
-
-    if champion is not None and ctx.settings.pipeline.consolidate:
-        broken = promote.retention_broken(scores, await promote.gate_settings(ctx))
-        if broken:
-            await ctx.event("log", f"retention budget broken ({broken}); consolidating", mode=mode)
-            clock.start("consolidate")
-            await ctx.progress("train", 0.0)
-            superseded = candidate
-            candidate = await train.train_stage(
-                ctx, train_data, parent=champion, mode="consolidate"
-            )
-            await ctx.progress("evaluate", 0.0)
-            scores = await evaluate.evaluate_stage(
-                ctx, sets, candidate=candidate, reference=reference
-            )
-            await promote.retire(ctx, superseded, reason="superseded by consolidation")
+    gate = await promote.gate_settings(ctx)
+    consolidate = ctx.settings.pipeline.consolidate
+    if champion is not None and consolidate and (broken := promote.retention_broken(scores, gate)):
+        clock.start("consolidate")
+        await ctx.event("log", f"retention budget broken ({broken}); consolidating")
+        candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
 
     clock.start("gate")
     await ctx.progress("gate", 0.0)
@@ -175,3 +176,20 @@ async def _stages(
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
     )
+
+
+async def _consolidate(
+    ctx: StageContext,
+    inputs: train.TrainInputs,
+    champion: ResolvedVersion,
+    superseded: train.Candidate,
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+) -> tuple[train.Candidate, dict[str, Any]]:
+    """Retrains from the base on every learned document + this job's, and evaluates that."""
+    await ctx.progress("train", 0.0)
+    candidate = await train.train_stage(ctx, inputs, parent=champion, mode="consolidate")
+    await ctx.progress("evaluate", 0.0)
+    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
+    await promote.retire(ctx, superseded, reason=f"superseded by {candidate.name} (consolidated)")
+    return candidate, scores

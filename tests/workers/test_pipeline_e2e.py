@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from adapters_store.models import NamespaceSettings
 from app.auth import Role
 from tests.conftest import Gateway
 from tests.support.pipeline_live import Client, LiveWorker, queue_env, worker_env
@@ -106,13 +107,21 @@ def _run(client: Client, worker: LiveWorker, doc: dict[str, Any]) -> dict[str, A
 
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 5 open: the bundled 135M model's adapters lose ~4/20 guard answers, so the "
-    "default forgetting budget rejects them (see README 'Adaptation cycle')",
+    reason="issue 5 open: under the registry's default gate (max_forgetting 0.05) the first "
+    "candidate is rejected: it answers held-out probes (3/4 in a run on 2026-11-25) but loses "
+    "far more guard answers than 0.05 (30 of 63 in that run); see the README, 'Forgetting'",
 )
 def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorker]) -> None:
     gateway, worker = live
     operator = Client(gateway.base_url, gateway.keys[Role.operator])
     user = Client(gateway.base_url, gateway.keys[Role.user])
+
+    # The registry's default gate: no per-namespace relaxation.
+    admin = Client(gateway.base_url, gateway.keys[Role.admin])
+    r = admin.http.post("/v1/admin/namespaces", json={"name": NAMESPACE})
+    assert r.status_code == 201, r.text
+    gate = NamespaceSettings.model_validate(r.json()["settings"])
+    assert gate == NamespaceSettings()
 
     # The base model cannot know made-up facts.
     assert not any(_answered(user, "base", DOC_A))
@@ -136,9 +145,34 @@ def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorke
     assert scores["champion"]["model"] == f"{NAMESPACE}@v1"
     retention = scores["candidate"]["retention"]
     assert retention["n"] == len(DOC_A["probes"])  # the first document's probes, re-asked
-    budget = 0.05 + 1e-9
+    budget = gate.max_forgetting + 1e-9
     assert retention["f1"] >= scores["champion"]["retention"]["f1"] - budget
+    guard_drop = scores["base"]["guard"]["contains"] - scores["candidate"]["guard"]["contains"]
+    assert guard_drop <= budget, scores
     learned_b = _answered(user, NAMESPACE, DOC_B)
     assert any(learned_b), learned_b
     still_a = _answered(user, NAMESPACE, DOC_A)
-    assert sum(still_a) >= sum(learned_a) - 1, (learned_a, still_a)
+    assert any(still_a), (learned_a, still_a)
+
+
+def test_guard_set_is_answered_by_the_base_model(live: tuple[Gateway, LiveWorker]) -> None:
+    """>= 50 questions (one flipped answer moves the guard score by <= 0.02, so the gate's
+    forgetting budget measures more than noise), all answered by the base model, none of
+    them an anchor prompt (anchors are trained on; the guard must stay held out)."""
+    from workers.tasks.anchors import load_anchor_prompts
+    from workers.tasks.common import qa_messages
+    from workers.tasks.evaluate import GUARD_FILE, load_guard
+
+    gateway, _ = live
+    user = Client(gateway.base_url, gateway.keys[Role.user])
+    guard = load_guard(GUARD_FILE)
+    assert len(guard) >= 50
+    anchors = set(load_anchor_prompts())
+    assert not [g for g in guard if qa_messages(g.title, g.question)[0]["content"] in anchors]
+    answers = [(item, user.ask("base", item.title, item.question)) for item in guard]
+    wrong = [
+        (item.question, answer)
+        for item, answer in answers
+        if not any(contains(answer, gold) for gold in item.answers)
+    ]
+    assert not wrong, wrong

@@ -3,7 +3,9 @@ idempotency on a real database and registry (a scripted gateway stands in for th
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from adapters_store.blobs import BlobStore
 from adapters_store.models import AdapterStatus, NamespaceSettings
 from adapters_store.registry import AdapterRegistry
-from app.db.jobs import AdaptationJob, Document, SelfEdit
+from app.db.jobs import AdaptationJob, Document, DocumentState, SelfEdit
 from app.services.ingest import DocumentInput, IngestService
 from app.settings import PipelineSettings, Settings
 from tests.factories import migrated_db
-from workers.tasks import probes, promote, synthesize, train
+from workers.tasks import evaluate, probes, promote, synthesize, train
 from workers.tasks.common import Doc, Probe, as_doc, load_artifact, save_artifact
 from workers.training.datasets import (
     DocumentData,
@@ -302,6 +304,7 @@ class StageCtx:
     gateway: Any
     attempt: int = 1
     events: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
 
     async def documents(self) -> list[Document]:
         async with self.sessionmaker() as s:
@@ -325,6 +328,23 @@ class StageCtx:
     async def fenced(self) -> AsyncIterator[AsyncSession]:
         async with self.sessionmaker() as session, session.begin():
             yield session
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A small real PEFT adapter of the bundled model (random rank-4 weights, no training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    path = tmp_path_factory.mktemp("stage-adapter") / "tiny"
+    get_peft_model(model, config).save_pretrained(str(path))
+    return path
 
 
 @pytest.fixture
@@ -415,13 +435,13 @@ async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., An
 
 
 async def test_train_stage_registers_once_per_job(
-    stage_env: Callable[..., Any], fact_adapters: dict[str, Path]
+    stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
     ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
     docs = [as_doc(row) for row in await ctx.documents()]
     # An earlier attempt trained the adapter (here: a stand-in) before the worker died.
     earlier = ctx.artifacts_dir.parent / "attempt-0"
-    shutil.copytree(fact_adapters["zorb"], earlier / "adapter-fresh")
+    shutil.copytree(tiny_adapter, earlier / "adapter-fresh")
     save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
     inputs = train.TrainInputs(docs, [], [])
     first = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
@@ -474,3 +494,262 @@ async def test_gateway_client_retries_503_with_retry_after() -> None:
             await c.chat("x", [{"role": "user", "content": "hi"}])
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
+
+
+def test_document_sequences_cap_self_edit_segments_round_robin() -> None:
+    edits = (
+        "Imre Voskaya charted the Grelvin Archipelago.\nTamsk is the largest island.",
+        "Olverhaven is a port city on Tamsk.\nBrisk is a purple grain.",
+    )
+    seqs = document_sequences(DocumentData(TITLE, TEXT, edits), max_edit_segments=3)
+    assert [s.split("\n", 1)[1] for s in seqs[:3]] == [
+        "Imre Voskaya charted the Grelvin Archipelago.",
+        "Olverhaven is a port city on Tamsk.",
+        "Tamsk is the largest island.",
+    ]
+    assert len(seqs) == 3 + 3 + 1
+
+
+async def test_current_champion_skips_this_jobs_own_promotion(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    from workers.tasks import history
+
+    first = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
+    assert await history.current_champion(first) is None
+    v1 = await train.register_once(first, tiny_adapter, "fresh", parent_version=None, detail="a")
+    await first.registry.promote("acme", v1.version, "t")
+    async with first.sessionmaker() as s, s.begin():
+        job = await s.get(AdaptationJob, first.job_id)
+        assert job is not None
+        job.attempt = 1  # started: later documents get a job of their own
+    # A crash after the gate promoted v1: the retry must build on what the job started from.
+    assert await history.current_champion(first) is None
+
+    second = await stage_env(
+        ScriptedGateway(_scripted), DocumentInput(text="Vorn is a moon.", param="d")
+    )
+    champion = await history.current_champion(second)
+    assert champion is not None
+    assert champion.name == "acme@v1"
+    v2 = await train.register_once(
+        second, tiny_adapter, "incremental", parent_version=1, detail="b"
+    )
+    scaled = await train.register_once(
+        second, tiny_adapter, "incremental-x0.75", parent_version=v2.version, detail="c"
+    )
+    await second.registry.promote("acme", scaled.version, "t")
+    again = await history.current_champion(second)
+    assert again is not None
+    assert again.name == "acme@v1"
+    assert await train.job_version(second, "incremental") == v2
+
+
+async def test_run_pipeline_promotes_a_candidate_that_learned(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    from workers.pipeline import run_pipeline
+
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+
+    def answer(model: str, prompt: str) -> str:
+        lines = prompt.split("\n")
+        if prompt.startswith("Let's answer") and lines[-2] in guard:
+            return guard[lines[-2]]
+        if prompt.startswith("Let's answer"):
+            return "It is kelloth." if model == "acme@v1" else "I do not know."
+        return _scripted(model, prompt)
+
+    doc = DocumentInput(
+        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+    )
+    ctx = await stage_env(ScriptedGateway(answer), doc, attempt=2)
+    # Attempt 1 trained the adapter before its worker died; attempt 2 reuses it.
+    earlier = ctx.artifacts_dir.parent / "attempt-1"
+    shutil.copytree(tiny_adapter, earlier / "adapter-fresh")
+    save_artifact(earlier, "train-fresh.json", {"adapter_dir": earlier / "adapter-fresh"})
+    result = await run_pipeline(ctx)
+    assert result.decision == "promoted", result.reasons
+    assert result.scores is not None
+    assert result.scores["candidate"]["new"]["contains"] == 1.0
+    assert "answers" not in result.scores["candidate"]
+    assert set(result.timings) >= {"self_edit", "probes", "train", "evaluate", "gate"}
+    champion = await ctx.registry.resolve("acme")
+    assert (champion.name, champion.version_id) == ("acme@v1", result.version_id)
+    versions = await ctx.registry.list_versions("acme")
+    assert [v.job_id for v in versions] == [ctx.job_id]  # one version per job
+    stages = [m for kind, m, _ in ctx.events if kind == "progress"]
+    assert stages[:3] == ["self_edit", "probes", "train"]
+    assert stages[-1] == "gate"
+
+
+@pytest.mark.parametrize("how", ["stop_requested", "cancelled"])
+async def test_training_stops_at_the_next_step(
+    stage_env: Callable[..., Any],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """A cancelled job (the runner sets ctx.stop_requested and cancels the pipeline task) ends
+    real PEFT training within a step, and the stage returns only once the thread is done."""
+    import asyncio
+
+    from workers.training import peft_trainer
+
+    ctx = await stage_env(ScriptedGateway(_scripted), DocumentInput(text=TEXT, param="d0"))
+    ctx.settings = Settings(data_dir=ctx.settings.data_dir, model=model_dir)
+    done: list[int] = []
+    ended: list[BaseException | None] = []
+    real = peft_trainer.train_lora
+
+    def recording(*args: Any, on_step: Callable[[int, int, float], None], **kw: Any) -> Any:
+        def step(n: int, total: int, loss: float) -> None:
+            done.append(n)
+            on_step(n, total, loss)
+
+        try:
+            result = real(*args, on_step=step, **kw)
+        except BaseException as e:
+            ended.append(e)
+            raise
+        ended.append(None)
+        return result
+
+    monkeypatch.setattr(peft_trainer, "train_lora", recording)
+    hyper = peft_trainer.LoRAHyper(
+        rank=4, alpha=8, target_modules=("q_proj",), steps=100_000, batch_size=1, max_len=32
+    )
+    out_dir = tmp_path / "adapter"
+    examples = [peft_trainer.TextExample(TEXT)]
+    run = asyncio.create_task(train._run_training(ctx, examples, out_dir, hyper, None))
+    for _ in range(2400):  # training has taken two steps (model load included: < 120 s)
+        if len(done) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    if how == "stop_requested":
+        ctx.stop_requested.set()
+        with pytest.raises(train.TrainingStopped):
+            await asyncio.wait_for(run, 30)
+    else:
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 30)
+    # The thread has already ended when the stage returns, within a step of the request.
+    assert len(ended) == 1
+    assert isinstance(ended[0], train.TrainingStopped)
+    steps = len(done)
+    await asyncio.sleep(0.5)
+    assert len(done) == steps <= 6
+    assert not out_dir.exists()
+
+
+class Crash(Exception):
+    """Stands in for a SIGKILL: the attempt stops where it is, its commits stay."""
+
+
+async def _learned_first_document(stage_env: Callable[..., Any], tiny_adapter: Path) -> Any:
+    """Job 1 learned doc0 (acme@v1 is the champion, its document `learned`)."""
+    from workers.pipeline import run_pipeline
+
+    probe = ("What is brewed?", "kelloth")
+    doc0 = DocumentInput(text=TEXT, param="d0", title=TITLE, probes=[probe])
+    first = await stage_env(ScriptedGateway(_consolidation_answers(crash=None)), doc0)
+    _pretrained(first, tiny_adapter, "fresh")
+    assert (await run_pipeline(first)).decision == "promoted"
+    async with first.sessionmaker() as s, s.begin():
+        job = await s.get(AdaptationJob, first.job_id)
+        assert job is not None
+        job.attempt = 1  # started: later documents get a job of their own
+        for row in await s.scalars(select(Document)):
+            row.state = DocumentState.learned
+    return first
+
+
+def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
+    """An earlier attempt trained the ``mode`` adapter (a stand-in) before its worker died."""
+    earlier = ctx.artifacts_dir.parent / "attempt-0"
+    shutil.copytree(adapter, earlier / f"adapter-{mode}")
+    save_artifact(earlier, f"train-{mode}.json", {"adapter_dir": earlier / f"adapter-{mode}"})
+
+
+def _consolidation_answers(crash: str | None) -> Callable[[str, str], str]:
+    """v1 knows doc0; the incremental v2 learned doc1 but forgot doc0; the consolidated v3
+    knows both. ``crash="evaluate"`` kills the first question to v3."""
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+
+    def answer(model: str, prompt: str) -> str:
+        if not prompt.startswith("Let's answer"):
+            return _scripted(model, prompt)
+        question = prompt.split("\n")[-2]
+        if crash == "evaluate" and model == "acme@v3":
+            raise Crash("worker killed while evaluating the consolidated candidate")
+        if question in guard:
+            return guard[question]
+        gold, models = knows.get(question, ("", set()))
+        return gold if model in models else "I do not know."
+
+    return answer
+
+
+@pytest.mark.parametrize("crash", ["evaluate", "after_promote"])
+async def test_consolidation_registers_once_per_mode_across_a_crash(
+    stage_env: Callable[..., Any], tiny_adapter: Path, crash: str
+) -> None:
+    """Retention breaks -> the job consolidates (a second version of the same job, the
+    incremental one rejected); a crash and a retry add no version and no promotion."""
+    from adapters_store.models import AuditEvent
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash)), doc1)
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, tiny_adapter, "consolidate")
+    if crash == "after_promote":
+
+        async def killed_after_the_gate(kind: str, message: str, **data: Any) -> None:
+            if message.startswith("gate:"):
+                raise Crash("worker killed right after the promotion committed")
+
+        ctx.event = killed_after_the_gate  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        await run_pipeline(ctx)
+
+    retry = dataclasses.replace(
+        ctx,
+        attempt=2,
+        artifacts_dir=ctx.artifacts_dir.parent / "attempt-2",
+        gateway=ScriptedGateway(_consolidation_answers(crash=None)),
+        events=[],
+    )
+    result = await run_pipeline(retry)
+
+    assert result.decision == "promoted", result.reasons
+    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
+    modes = {(v.note or "").split(":")[0]: v for v in versions}
+    assert sorted(modes) == ["consolidate", "incremental"]
+    assert modes["incremental"].status == AdapterStatus.rejected
+    assert modes["consolidate"].id == result.version_id
+    assert modes["consolidate"].parent_version_id is not None  # it replaces acme@v1
+    champion = await ctx.registry.resolve("acme")
+    assert champion.version_id == result.version_id
+    assert result.scores is not None
+    assert result.scores["mode"] == "consolidate"
+    assert result.scores["candidate"]["retention"]["f1"] == 1.0
+    async with ctx.sessionmaker() as s:
+        actions = list(
+            await s.scalars(
+                select(AuditEvent.action)
+                .where(AuditEvent.action.in_(["version.create", "version.promote"]))
+                .order_by(AuditEvent.id)
+            )
+        )
+    # job 1: create + promote v1; job 2: create v2, create v3, promote v3 (once).
+    job1 = ["version.create", "version.promote"]
+    assert actions == [*job1, "version.create", "version.create", "version.promote"]

@@ -87,9 +87,11 @@ async def answer_all(
     async def one(item: EvalItem) -> str:
         async with limit:
             texts = await gateway.chat(
-                model, qa_messages(item.title, item.question), temperature=0.0,
+                model,
+                qa_messages(item.title, item.question),
+                temperature=0.0,
                 max_tokens=max_tokens,
-            )  # fmt: skip
+            )
             return texts[0]
 
     return list(await asyncio.gather(*(one(i) for i in items)))

@@ -28,15 +28,24 @@ class LearnedDoc:
 
 
 async def current_champion(ctx: StageContext) -> ResolvedVersion | None:
-    """The namespace's champion, when it was trained on this base model."""
+    """The champion this job builds on: the namespace's champion, or, when an earlier
+    attempt of this job already promoted its own candidate, the champion before it (so a
+    retry takes the same path and reuses what that attempt registered)."""
+    from adapters_store.registry import ResolvedVersion
+
     try:
         champion = await ctx.registry.resolve(ctx.namespace)
     except NotFound:
         return None
-    if champion.base_model not in (None, ctx.registry.base_model):
-        logger.warning("champion %s is for another base model; training fresh", champion.name)
+    row = await ctx.registry.get_version_by_id(champion.version_id)
+    while row.job_id == ctx.job_id:
+        if row.parent_version_id is None:
+            return None
+        row = await ctx.registry.get_version_by_id(row.parent_version_id)
+    if row.base_model != ctx.registry.base_model:
+        logger.warning("champion %s is for another base model; training fresh", row.name)
         return None
-    return champion
+    return ResolvedVersion.of(row)
 
 
 async def namespace_history(ctx: StageContext, *, exclude: Sequence[str]) -> list[LearnedDoc]:

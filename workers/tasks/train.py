@@ -4,6 +4,7 @@ candidate keyed by the job id (incremental from the champion, fresh, or consolid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -67,6 +68,7 @@ def training_set(
         earlier if mode == "incremental" else [],
         replay_fraction=settings.replay_fraction,
         sentences=settings.sentence_sequences,
+        max_edit_segments=settings.max_edit_segments,
         seed=ctx.job_id,
     )
 
@@ -119,7 +121,7 @@ async def train_stage(
     ctx: StageContext, inputs: TrainInputs, *, parent: ResolvedVersion | None, mode: Mode
 ) -> Candidate:
     """Trains (or reuses) this job's adapter for ``mode`` and registers it once."""
-    existing = await _job_version(ctx, mode)
+    existing = await job_version(ctx, mode)
     if existing is not None:
         await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
@@ -142,25 +144,41 @@ async def train_stage(
         "sequences": {**data.sources, "anchors": len(anchors)},
     }
     (adapter_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    candidate = await register_once(
+        ctx,
+        adapter_dir,
+        mode,
+        # A consolidated version is trained from the base, but it replaces the champion: its
+        # lineage names it, and a retry of this job finds its way back through it.
+        parent_version=parent.version if parent is not None else None,
+        detail=f"{len(docs)} document(s)",
+    )
+    await ctx.event("log", f"registered candidate {candidate.name}", **lineage)
+    return candidate
+
+
+async def register_once(
+    ctx: StageContext, adapter_dir: Path, key: str, *, parent_version: int | None, detail: str
+) -> Candidate:
+    """Registers this job's ``key`` adapter unless an earlier attempt already did."""
     async with ctx.fenced():
-        # Re-checked under the fence: an attempt that lost its lease never gets here.
-        existing = await _job_version(ctx, mode)
+        # Checked under the fence: an attempt that lost its lease never gets here.
+        existing = await job_version(ctx, key)
         if existing is not None:
             return existing
         row = await ctx.registry.register_version(
             ctx.namespace,
             adapter_dir,
             ACTOR,
-            parent_version=parent.version if parent is not None and mode != "consolidate" else None,
+            parent_version=parent_version,
             job_id=ctx.job_id,
-            note=f"{mode}: job {ctx.job_id}, {len(docs)} document(s)",
+            note=f"{key}: job {ctx.job_id}, {detail}",
         )
-    candidate = Candidate(row.id, row.version, row.name, mode)
-    await ctx.event("log", f"registered candidate {row.name}", version_id=row.id, **lineage)
-    return candidate
+    return Candidate(row.id, row.version, row.name, key)
 
 
-async def _job_version(ctx: StageContext, mode: str) -> Candidate | None:
+async def job_version(ctx: StageContext, mode: str) -> Candidate | None:
+    """The version this job registered for ``mode`` (its note starts with the mode)."""
     try:
         versions = await ctx.registry.list_versions(ctx.namespace)
     except NotFound:
@@ -188,9 +206,9 @@ async def _trained_adapter(
     init_dir = None
     if mode == "incremental" and parent is not None:
         init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
-    out_dir = ctx.artifacts_dir / f"adapter-{mode}"
     from workers.training.peft_trainer import ChatExample, TextExample
 
+    out_dir = ctx.artifacts_dir / f"adapter-{mode}"
     examples: list[TrainExample] = [TextExample(s) for s in data.sequences]
     examples.extend(ChatExample(user, answer) for user, answer in anchors)
     hyper = hyper_for(ctx, len(examples), mode)
@@ -205,18 +223,12 @@ async def _trained_adapter(
         **data.sources,
     )
     result = await _run_training(ctx, examples, out_dir, hyper, init_dir)
-    save_artifact(
-        ctx.artifacts_dir,
-        artifact,
-        {"adapter_dir": out_dir, "steps": result.steps, "loss": result.final_loss,
-         "seconds": result.seconds},
-    )  # fmt: skip
+    stats = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds}
+    save_artifact(ctx.artifacts_dir, artifact, {"adapter_dir": out_dir, **stats})
     await ctx.event(
         "metric",
         f"trained {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.3f}",
-        steps=result.steps,
-        final_loss=result.final_loss,
-        seconds=result.seconds,
+        **stats,
     )
     return out_dir
 
@@ -229,36 +241,49 @@ async def _run_training(
     init_dir: Path | None,
 ) -> TrainResult:
     """train_lora in a thread (the event loop keeps heartbeating the lease), with losses and
-    progress reported from the loop; a stop request ends training at the next step."""
+    progress reported from the loop.
+
+    ``ctx.stop_requested`` (set when the job is cancelled or the lease is lost) and the
+    cancellation of this coroutine both end training at the next optimizer step; on
+    cancellation the coroutine returns only once the thread has stopped.
+    """
     import shutil
 
+    from app.model_prep import resolve_model_dir
     from workers.training.peft_trainer import train_lora
 
     loop = asyncio.get_running_loop()
     steps: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
     stop = threading.Event()
-    external: threading.Event | None = getattr(ctx, "stop_requested", None)
+    external = ctx.stop_requested
 
     def on_step(step: int, total: int, loss: float) -> None:
-        if stop.is_set() or (external is not None and external.is_set()):
+        if stop.is_set() or external.is_set():
             raise TrainingStopped("training stopped: the attempt was told to stop")
         loop.call_soon_threadsafe(steps.put_nowait, (step, total, loss))
-
-    from app.model_prep import resolve_model_dir
 
     shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
     base_dir = await asyncio.to_thread(resolve_model_dir, ctx.settings, progress=False)
     task = asyncio.create_task(
         asyncio.to_thread(
-            train_lora, base_dir, examples, out_dir, hyper, init_adapter_dir=init_dir,
+            train_lora,
+            base_dir,
+            examples,
+            out_dir,
+            hyper,
+            init_adapter_dir=init_dir,
             on_step=on_step,
         )
-    )  # fmt: skip
+    )
     try:
         await _report(ctx, task, steps)
-        return await task
+        return await asyncio.shield(task)  # cancelling us must not detach the thread's task
     except BaseException:
         stop.set()
+        # The thread ends at its next step; wait for it, so a cancelled or stopped attempt
+        # never leaves a training run behind on the CPU the next job will need.
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(task)
         raise
 
 

@@ -132,20 +132,28 @@ def grounded_segments(completion: str, document: str) -> list[str]:
     return out
 
 
-def document_sequences(doc: DocumentData, *, sentences: bool = True) -> list[str]:
-    """Training sequences of one document: self-edit segments, sentences, then the passage."""
+def document_sequences(
+    doc: DocumentData, *, sentences: bool = True, max_edit_segments: int | None = None
+) -> list[str]:
+    """Training sequences of one document: self-edit segments (at most ``max_edit_segments``,
+    taken round-robin over the self-edits), sentences, then the passage."""
     seen: set[str] = set()
     out: list[str] = []
 
-    def add(segment: str) -> None:
+    def add(segment: str) -> bool:
         key = normalize_answer(segment)
         if key and key not in seen:
             seen.add(key)
             out.append(f"{doc.title}\n{segment}")
+            return True
+        return False
 
-    for edit in doc.self_edits:
-        for segment in grounded_segments(edit, doc.text):
-            add(segment)
+    per_edit = [grounded_segments(edit, doc.text) for edit in doc.self_edits]
+    budget = max_edit_segments if max_edit_segments is not None else sum(map(len, per_edit))
+    for segment in _round_robin(per_edit):
+        if budget <= 0:
+            break
+        budget -= add(segment)
     if sentences:
         for sentence in split_sentences(doc.text):
             add(sentence)
@@ -153,6 +161,13 @@ def document_sequences(doc: DocumentData, *, sentences: bool = True) -> list[str
     if passage not in out:
         out.append(passage)  # always last, as SEAL does
     return out
+
+
+def _round_robin(lists: Sequence[Sequence[str]]) -> Iterable[str]:
+    for i in range(max(map(len, lists), default=0)):
+        for items in lists:
+            if i < len(items):
+                yield items[i]
 
 
 def replay_sample(pool: Sequence[str], n: int, *, seed: int | str) -> list[str]:
@@ -170,6 +185,7 @@ def build_training_set(
     *,
     replay_fraction: float = 0.5,
     sentences: bool = True,
+    max_edit_segments: int | None = None,
     seed: int | str = 0,
 ) -> TrainingSet:
     """This job's sequences plus ``replay_fraction`` x as many replayed earlier ones.
@@ -177,8 +193,17 @@ def build_training_set(
     Replay draws from every sequence the earlier documents would produce, so a replayed
     document is seen through its kept self-edits as well as its passage.
     """
-    new = [s for doc in new_docs for s in document_sequences(doc, sentences=sentences)]
-    pool = [s for doc in earlier_docs for s in document_sequences(doc, sentences=sentences)]
+
+    def sequences(docs: Iterable[DocumentData]) -> list[str]:
+        return [
+            s
+            for doc in docs
+            for s in document_sequences(
+                doc, sentences=sentences, max_edit_segments=max_edit_segments
+            )
+        ]
+
+    new, pool = sequences(new_docs), sequences(earlier_docs)
     replay = replay_sample(pool, math.ceil(replay_fraction * len(new)), seed=seed)
     return TrainingSet(
         sequences=(*new, *replay),
