@@ -3,7 +3,6 @@ embedded Redis and one `selfadapt worker` running the real pipeline, all in a te
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import tempfile
@@ -14,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.auth import Role, create_key
-from app.db import migrate
-from app.db.session import make_engine, make_sessionmaker
+from app.auth import Role
 from app.settings import Settings
+from tests.support.keys import create_keys
 from tests.support.models import bundled_model_dir, default_cache_root
 from tests.support.pipeline_live import Client, LiveWorker, queue_env, worker_env
 from tests.support.server import LiveServer, free_port
@@ -50,21 +48,7 @@ def pipeline_env(overrides: Mapping[str, str]) -> dict[str, str]:
 
 
 def _keys(settings: Settings) -> dict[Role, str]:
-    migrate.upgrade(settings)
-
-    async def make() -> dict[Role, str]:
-        engine = make_engine(settings)
-        try:
-            async with make_sessionmaker(engine)() as session:
-                keys = {}
-                for role in (Role.admin, Role.operator, Role.user):
-                    _, keys[role] = await create_key(session, name=f"bench-{role}", role=role)
-                await session.commit()
-                return keys
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(make())
+    return create_keys(settings, prefix="bench", roles=(Role.admin, Role.operator, Role.user))
 
 
 @contextmanager
