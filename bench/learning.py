@@ -38,12 +38,13 @@ from workers.training.peft_trainer import LoRAHyper
 logger = logging.getLogger("bench.learning")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUN_ORDER = ("base", "in_context", "passage", "self_edit", "restem_1", "restem_2")
-"""Cheap conditions first: an interrupted run has written those already."""
+RUN_ORDER = ("base", "in_context", "passage", "self_edit", "restem_2", "restem_1")
+"""Cheap conditions first, then the one the issue's targets hinge on: an interrupted run has
+written those already."""
 DATA = Path("../shared/data")
 # Flags that name outputs or subsets, not what a condition computes: not in the cache key.
 _NOT_IN_KEY = frozenset(
-    {"name", "out_dir", "work_dir", "conditions", "limit", "log_level", "train_threads"}
+    {"name", "out_dir", "work_dir", "conditions", "limit", "log_level", "train_threads", "note"}
 )
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     g.add_argument("--name", default="learning", help="output file stem")
     g.add_argument("--out-dir", type=Path, default=RESULTS)
+    g.add_argument("--note", help="a remark stored in the JSON, e.g. why conditions were left out")
     g.add_argument(
         "--work-dir", type=Path, help="cache; None: ~/.cache/selfadapt-bench/learning-<hash>"
     )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import shutil
@@ -35,7 +36,8 @@ def lora_rank_limit(*ranks: int) -> int:
 
 
 class InProcessChat:
-    """`ChatClient` over an in-process engine (`LocalEngine`): `base` or an adapter name.
+    """`ChatClient` over an in-process engine (`LocalEngine`, started on first use): `base`
+    or an adapter name.
 
     Each registered adapter directory gets its own LoRA id, so concurrent requests for many
     adapters share engine batches (vLLM schedules up to ``max_loras`` adapters per step).
@@ -45,6 +47,13 @@ class InProcessChat:
         self._engine = engine
         self._adapters: dict[str, LoRATarget] = {}
         self._next_id = 1  # never reused: vLLM caches weights by id
+        self._starting = asyncio.Lock()
+
+    async def _started(self) -> None:
+        """Starts the engine on first use (a run whose conditions are all cached needs none)."""
+        async with self._starting:
+            if not self._engine.ready:
+                await self._engine.start()
 
     def add_adapter(self, name: str, path: Path) -> str:
         """Registers ``path`` under ``name`` (names are never rebound to other weights)."""
@@ -74,6 +83,7 @@ class InProcessChat:
     ) -> list[str]:
         if model != BASE and model not in self._adapters:
             raise ValueError(f"unknown model {model!r}; register the adapter first")
+        await self._started()
         lora = self._adapters.get(model)
         options = SamplingOptions(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed
@@ -110,6 +120,14 @@ def hyper_for(base: LoRAHyper, n_sequences: int, *, epochs: float, max_steps: in
         max_steps=max_steps,
     )
     return replace(base, steps=steps)
+
+
+def adapter_key(sequences: Sequence[str], hyper: LoRAHyper) -> str:
+    """Content address of a training run: the same data and settings train the same adapter
+    (e.g. `self_edit` on a passage whose self-edits were all filtered out = `passage`)."""
+    settings = {k: v for k, v in asdict(hyper).items() if k != "num_threads"}
+    payload = json.dumps([list(sequences), settings], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def train_cached(

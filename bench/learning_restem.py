@@ -101,7 +101,9 @@ class RestemStage:
     def __init__(self, args: argparse.Namespace, bench: Bench) -> None:
         self.args = args
         self.bench = bench
-        self.summary: dict[str, Any] = {}
+        path = args.work_dir / "restem" / SUMMARY
+        # Finished rounds are reported even when no restem condition is selected this time.
+        self.summary: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
         self._after: list[PolicyAfterRound] | None = None
         self._loop: RestemLoop | None = None
         self._error: str | None = None

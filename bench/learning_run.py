@@ -19,6 +19,7 @@ from bench.learning_engine import (
     BASE,
     InProcessChat,
     TrainRecord,
+    adapter_key,
     hyper_for,
     lora_rank_limit,
     train_in_thread,
@@ -184,7 +185,7 @@ class Bench:
                 epochs=self.args.epochs,
                 max_steps=self.args.max_steps,
             )
-            out = self.args.work_dir / "adapters" / condition / p.id
+            out = self.args.work_dir / "adapters" / adapter_key(sequences, hyper)
             record = await train_in_thread(self.args.model_dir, sequences, out, hyper)
             logger.info(
                 "%s %d/%d %s: %d sequences, %d steps, %.1f s, loss %.3f",
@@ -254,10 +255,9 @@ async def run(args: argparse.Namespace) -> LearningResult:
     logger.info(
         "%d passages, conditions %s, work dir %s", len(passages), args.conditions, args.work_dir
     )
-    engine = LocalEngine(args.model_dir, engine_settings(args))
-    await engine.start()
+    engine = LocalEngine(args.model_dir, engine_settings(args))  # started on first use
     runs: dict[str, ConditionRun] = {}
-    not_run: dict[str, str] = {}
+    not_run = {c: "not selected (--conditions)" for c in CONDITIONS if c not in args.conditions}
     bench = Bench(args, InProcessChat(engine), passages)
     restem = RestemStage(args, bench)
     result = None
@@ -347,9 +347,11 @@ def write_outputs(
         n_passages=len(bench.passages),
         data=str(args.data),
         seconds=round(time.monotonic() - started, 1),
+        compute_seconds=round(sum(r.seconds for r in runs.values()), 1),
         settings=args.settings,
         machine=machine(),
         restem=restem_summary,
+        note=args.note,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(result.model_dump_json(indent=2) + "\n")

@@ -119,10 +119,14 @@ class LearningResult(BaseModel):
     targets: dict[str, Any] = Field(default_factory=dict)
     n_passages: int
     data: str
-    seconds: float
+    seconds: float = Field(description="wall time of this invocation (cached work costs ~0)")
+    compute_seconds: float = Field(
+        0.0, description="sum of the conditions' own times when they were computed"
+    )
     settings: dict[str, Any]
     machine: dict[str, Any]
     restem: dict[str, Any] = Field(default_factory=dict, description="ReSTEM round summaries")
+    note: str | None = Field(None, description="the operator's remark on this run (--note)")
 
 
 def summarize(

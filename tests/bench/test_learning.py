@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from app.engine.fake import FakeEngine
 from app.settings import RestemSettings
 from bench.learning import build_parser, finish
-from bench.learning_engine import InProcessChat, lora_rank_limit
+from bench.learning_engine import InProcessChat, adapter_key, lora_rank_limit
 from bench.learning_restem import summarize_rounds
 from bench.learning_run import ConditionRun, SquadPassage, load_passages, write_outputs
 from bench.learning_stats import (
@@ -27,6 +28,7 @@ from bench.learning_stats import (
     table,
 )
 from workers.restem import FormatStats, GateOutcome, RestemResult, RoundResult, ScoredEdit
+from workers.training.peft_trainer import LoRAHyper
 
 
 def _passage(pid: str, values: list[float]) -> PassageScore:
@@ -190,10 +192,12 @@ def test_settings_reject_a_malformed_pair(tmp_path: Path) -> None:
 
 
 async def test_in_process_chat_routes_adapters_by_name(tmp_path: Path) -> None:
-    engine = FakeEngine()
+    engine = FakeEngine(ready=False)
     chat = InProcessChat(engine)
+    assert not engine.ready  # a run whose conditions are all cached never starts it
     chat.add_adapter("a", tmp_path / "a")
     texts = await chat.chat("a", [{"role": "user", "content": "hi"}], max_tokens=3, n=2)
+    assert engine.ready
     assert len(texts) == 2
     assert all(t.strip() for t in texts)
     assert engine.requests[-1][2] is not None
@@ -270,3 +274,11 @@ def test_summarize_rounds_policy_in_force_and_format_stats_per_round(tmp_path: P
     assert promoted[1]["format_stats"]["self_qa"]["degenerate"] == 2
     candidate = summarize_rounds(result, paths, settings, use="candidate")["after_round"]
     assert [r["policy"] for r in candidate] == ["policy-r0", "policy-r1"]
+
+
+def test_adapter_key_is_a_content_address() -> None:
+    hyper = LoRAHyper(steps=15)
+    key = adapter_key(["T\\npassage"], hyper)
+    assert adapter_key(["T\\npassage"], replace(hyper, num_threads=1)) == key  # same weights
+    assert adapter_key(["T\\npassage", "T\\nfact"], hyper) != key
+    assert adapter_key(["T\\npassage"], replace(hyper, lr=5e-4)) != key
