@@ -138,9 +138,23 @@ class PipelineSettings(BaseModel):
     anchor_fraction: float = Field(
         1.0, ge=0, description="base-model answers to general prompts mixed in per sequence"
     )
-    train_threads: int | None = Field(
-        None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
+    anchor_kl: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "weight of the KL divergence to the base model's token distributions on anchors "
+            "(0: cross-entropy on the base's greedy answer instead)"
+        ),
     )
+    train_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "CPU threads for training; default: every core while the engine serves nothing, "
+            "all but one while it does (polled from the gateway's /metrics)"
+        ),
+    )
+
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0

@@ -146,10 +146,10 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
 def finish(args: argparse.Namespace) -> argparse.Namespace:
     """Derived settings: prompts, ReSTEM settings, LoRA hyperparameters, paths, cache key."""
     from tests.support.models import bundled_model_dir, default_cache_root
-    from workers.tasks.train import _default_threads
+    from workers.training.threads import default_threads
 
     # All cores but one on CPU, as the pipeline does: the engine's worker keeps a core busy.
-    args.train_threads = args.train_threads or _default_threads()
+    args.train_threads = args.train_threads or default_threads()
 
     prompts = {k: _template(v) for k, v in _pairs(args.prompt, "--prompt").items()}
     args.pipeline = PipelineSettings(

@@ -287,6 +287,9 @@ class ScriptedGateway:
         self.calls.append((model, messages[-1]["content"], n))
         return [self.answer(model, messages[-1]["content"]) for _ in range(n)]
 
+    async def engine_busy(self) -> bool | None:
+        return False
+
     async def aclose(self) -> None:
         return None
 
@@ -408,6 +411,46 @@ async def test_self_edit_stage_stores_rows_once(stage_env: Callable[..., Any]) -
         ("rewrite", False),
         ("self_qa", True),
     ]
+
+
+async def test_self_edit_stage_draws_formats_from_the_last_restem_job(
+    stage_env: Callable[..., Any],
+) -> None:
+    """Once a ReSTEM job of the namespace has scored formats, the pipeline samples its k
+    self-edits from the learned weights (here: rewrite won every time) instead of round-robin."""
+    from app.db.jobs import JobKind, JobStatus
+    from app.services.restem import RestemRequest, RestemService
+    from app.settings import RestemSettings
+    from workers.restem.selection import FormatStats, ScoredEdit
+
+    gateway = ScriptedGateway(_scripted)
+    doc = DocumentInput(text=TEXT, param="d0", title=TITLE, probes=[("What is Tamsk?", "island")])
+    ctx = await stage_env(gateway, doc)
+    no_stats = await synthesize.learned_format_counts(ctx)
+    assert no_stats is None  # no ReSTEM job yet: round-robin over pipeline.formats
+
+    settings = RestemSettings(format_exploration=0.0)
+    stats = FormatStats(list(settings.formats))
+    for fmt in settings.formats:
+        for _ in range(4):
+            reward = 1.0 if fmt == "rewrite" else 0.0
+            stats.record(ScoredEdit("d0", fmt, "prompt", "edit", (reward,)))
+    service = RestemService(ctx.sessionmaker, None, settings, max_attempts=1)
+    restem_id = await service.start("acme", RestemRequest(docs=1), actor="t")
+    async with ctx.sessionmaker() as session, session.begin():
+        job = await session.get(AdaptationJob, restem_id)
+        assert job is not None
+        assert job.kind == JobKind.restem
+        job.status = JobStatus.succeeded
+        job.scores = {"format_stats": stats.as_json()}
+
+    ctx.settings = ctx.settings.model_copy(update={"restem": settings})
+    counts = await synthesize.learned_format_counts(ctx)
+    assert counts == {"rewrite": ctx.settings.pipeline.self_edits_per_doc}
+    docs = [as_doc(row) for row in await ctx.documents()]
+    samples = await synthesize.self_edit_stage(ctx, docs)
+    assert [s.format for s in samples] == ["rewrite"] * 3
+    assert load_artifact(ctx.artifacts_dir, "self_edits.json")["learned_formats"] == counts
 
 
 async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., Any]) -> None:

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, select
 
 from adapters_store.models import AdapterStatus, Namespace, policy_namespace, trial_namespace
-from app.db.jobs import AdaptationJob, Decision, Document, JobKind, JobStatus, SelfEdit
+from app.db.jobs import AdaptationJob, Decision, Document, SelfEdit
 from app.errors import NotFound
 from app.settings import RestemSettings
 from workers.pipeline import PipelineResult
+from workers.restem.history import latest_format_stats
 from workers.restem.loop import RestemLoop, RestemParts, RestemResult, RunShape
 from workers.restem.parts import ChatSampler, PeftInnerLoop, PeftPolicyTrainer
 from workers.restem.protocols import PolicyExample, PolicyRef
@@ -152,18 +153,7 @@ async def _job_params(ctx: JobContext) -> dict[str, Any]:
 async def _format_stats(ctx: JobContext, formats: list[str]) -> FormatStats:
     """The format statistics of the namespace's last finished ReSTEM job (fresh if none)."""
     async with ctx.sessionmaker() as session:
-        scores = await session.scalar(
-            select(AdaptationJob.scores)
-            .join(Namespace, Namespace.id == AdaptationJob.namespace_id)
-            .where(
-                Namespace.name == ctx.namespace,
-                AdaptationJob.kind == JobKind.restem,
-                AdaptationJob.status == JobStatus.succeeded,
-            )
-            .order_by(AdaptationJob.id.desc())
-            .limit(1)
-        )
-    return FormatStats.from_json(formats, (scores or {}).get("format_stats"))
+        return FormatStats.from_json(formats, await latest_format_stats(session, ctx.namespace))
 
 
 async def _current_policy(ctx: JobContext) -> PolicyRef:
@@ -189,7 +179,7 @@ async def _policy_documents(ctx: JobContext) -> set[str]:
 
 async def _parts(ctx: JobContext, settings: RestemSettings) -> RestemParts:
     from app.model_prep import resolve_model_dir
-    from workers.tasks.train import _default_threads  # one rule for training threads
+    from workers.training.threads import default_threads
 
     s = ctx.settings
     base_dir = await asyncio.to_thread(resolve_model_dir, s, progress=False)
@@ -197,7 +187,7 @@ async def _parts(ctx: JobContext, settings: RestemSettings) -> RestemParts:
     start_dir = None
     if champion is not None:
         start_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, champion.blob_sha256)
-    threads = s.pipeline.train_threads or _default_threads()
+    threads = s.pipeline.train_threads or default_threads()
     work_dir = ctx.artifacts_dir / "restem"
     inner = PeftInnerLoop(
         ctx.gateway, RegistryTrialHost(ctx), settings=settings, base_model_dir=base_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -137,15 +138,18 @@ async def generate_self_edits(
     settings: PipelineSettings,
     *,
     model: str,
+    counts: dict[str, int] | None = None,
 ) -> list[SelfEditSample]:
-    """k samples per document, spread over the configured formats, all requests concurrent.
+    """k samples per document, spread over the configured formats (or ``counts`` per format,
+    e.g. drawn from the formats ReSTEM found to work), all requests concurrent.
 
     No sampling seed is sent: vLLM's CPU runner crashes the engine on a seeded request that
     is prefilled in chunks ("CPU Generator does not use offset"). A retried attempt reuses
     the stored samples instead (see self_edit_stage), which is what a seed was for.
     """
     prompts = {**DEFAULT_PROMPTS, **settings.prompts}
-    counts = format_counts(settings.formats, settings.self_edits_per_doc)
+    if counts is None:
+        counts = format_counts(settings.formats, settings.self_edits_per_doc)
     jobs = [(doc, fmt, n) for doc in docs for fmt, n in counts.items()]
 
     async def sample(doc: Doc, fmt: str, n: int) -> list[SelfEditSample]:
@@ -180,11 +184,18 @@ async def self_edit_stage(ctx: StageContext, docs: Sequence[Doc]) -> list[SelfEd
         samples = [SelfEditSample(**s) for s in cached["samples"]]
         model = cached["model"]
     else:
-        samples, model = [], ctx.settings.engine.served_model_name
+        samples, model, counts = [], ctx.settings.engine.served_model_name, None
         if settings.self_edits_per_doc > 0 and settings.formats:
             model = await policy_model(ctx.registry, ctx.namespace, model)
-            samples = await generate_self_edits(ctx.gateway, docs, settings, model=model)
-        save_artifact(ctx.artifacts_dir, SELF_EDITS_ARTIFACT, {"model": model, "samples": samples})
+            counts = await learned_format_counts(ctx)
+            samples = await generate_self_edits(
+                ctx.gateway, docs, settings, model=model, counts=counts
+            )
+        save_artifact(
+            ctx.artifacts_dir,
+            SELF_EDITS_ARTIFACT,
+            {"model": model, "samples": samples, "learned_formats": counts},
+        )
     ids = await _store_self_edits(ctx, samples)
     samples = [replace(s, id=i) for s, i in zip(samples, ids, strict=True)]
     dropped = Counter(s.reason for s in samples if not s.kept)
@@ -197,6 +208,35 @@ async def self_edit_stage(ctx: StageContext, docs: Sequence[Doc]) -> list[SelfEd
         dropped=dict(dropped),
     )
     return samples
+
+
+async def learned_format_counts(ctx: StageContext) -> dict[str, int] | None:
+    """Self-edits per format drawn from the format weights the namespace's last ReSTEM job
+    learned (seeded by the job), over the ReSTEM formats this worker has prompts for; None
+    (round-robin over ``pipeline.formats``) until a ReSTEM job has scored any format."""
+    from workers.restem.history import latest_format_stats
+    from workers.restem.selection import FormatStats
+
+    restem = ctx.settings.restem
+    prompts = {**DEFAULT_PROMPTS, **ctx.settings.pipeline.prompts}
+    formats = [f for f in restem.formats if f in prompts]
+    if not formats:
+        return None
+    async with ctx.sessionmaker() as session:
+        data = await latest_format_stats(session, ctx.namespace)
+    if not data:
+        return None
+    stats = FormatStats.from_json(formats, data)
+    if not any(stats.stats[f].count for f in formats):
+        return None
+    rng = random.Random(f"formats:{ctx.job_id}")
+    chosen = stats.choose(
+        ctx.settings.pipeline.self_edits_per_doc,
+        rng,
+        exploration=restem.format_exploration,
+        temperature=restem.format_temperature,
+    )
+    return dict(Counter(chosen))
 
 
 async def _store_self_edits(ctx: StageContext, samples: Sequence[SelfEditSample]) -> list[int]:

@@ -43,6 +43,8 @@ class LoRAHyper:
     max_grad_norm: float | None = 1.0
     lr_schedule: str = "constant"
     """``constant``, or ``linear``: decays to 0 at the last step (gentler final updates)."""
+    anchor_kl: float = 0.0
+    """Weight of the KL-to-base loss on anchor examples (0: plain cross-entropy on them)."""
     num_threads: int | None = None
     """CPU threads for torch (None: torch's default). Fewer threads than cores avoids OpenMP
     oversubscription when another process (the engine) is busy on the same CPU."""
@@ -61,6 +63,10 @@ class ChatExample:
     user: str
     assistant: str
     system: str | None = None
+    anchor: bool = False
+    """An anchor against forgetting: with ``LoRAHyper.anchor_kl`` > 0 its loss is the KL
+    divergence from the base model's next-token distributions (adapter disabled) over every
+    token, instead of cross-entropy on the answer."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class EncodedExample:
 
     input_ids: list[int]
     labels: list[int]
+    anchor: bool = False
 
 
 def as_example(item: TrainExample) -> ChatExample | TextExample:
@@ -176,7 +183,7 @@ def encode_example(
     ]
     if all(label == IGNORE_INDEX for label in labels):
         raise ValueError(f"prompt longer than max_len={max_len} tokens: {example.user[:60]!r}")
-    return EncodedExample(ids, labels)
+    return EncodedExample(ids, labels, example.anchor)
 
 
 def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -192,7 +199,8 @@ def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Ten
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    anchor = torch.tensor([ex.anchor for ex in batch], dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "anchor": anchor}
 
 
 def _batches(
@@ -268,7 +276,9 @@ def _optimise(
     model.train()
     losses: list[float] = []
     for step, batch in enumerate(batches, start=1):
-        loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+        anchor = batch.pop("anchor")
+        inputs = {key: value.to(device) for key, value in batch.items()}
+        loss = _loss(model, inputs, anchor.to(device), hyper.anchor_kl)
         loss.backward()
         if hyper.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
@@ -280,6 +290,37 @@ def _optimise(
         if on_step is not None:
             on_step(step, total, losses[-1])
     return losses
+
+
+def _loss(model: Any, inputs: dict[str, torch.Tensor], anchor: torch.Tensor, kl: float) -> Any:
+    """Cross-entropy on the labels; anchor rows (when ``kl`` > 0) instead pull every next-token
+    distribution towards the base model's (self-distillation on the full distribution)."""
+    import torch
+    import torch.nn.functional as F
+
+    if kl <= 0 or not bool(anchor.any()):
+        return model(**inputs).loss
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = out.logits[:, :-1]
+    labels = inputs["labels"][:, 1:].clone()
+    mask = inputs["attention_mask"][:, 1:].bool()
+    labels[anchor] = IGNORE_INDEX  # anchors learn from the base's distribution, not the label
+    ce_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    n_ce = int((labels != IGNORE_INDEX).sum())
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ref_logp = F.log_softmax(ref.logits[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    kl_tok = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(base || adapter) per position
+    kl_mask = mask & anchor[:, None]
+    kl_sum = (kl_tok * kl_mask).sum()
+    n_kl = int(kl_mask.sum())
+    return ce_sum / max(1, n_ce) + kl * kl_sum / max(1, n_kl)
 
 
 def _save_adapter(model: Any, out_dir: Path) -> None:

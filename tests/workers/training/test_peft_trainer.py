@@ -144,6 +144,36 @@ def test_train_lora_is_deterministic_and_resumable(base_dir: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_anchor_kl_is_zero_at_the_base_and_keeps_it(base_dir: Path, tmp_path: Path) -> None:
+    """A fresh LoRA is the base model (B = 0): anchors alone start at KL 0 and stay near it
+    (Adam turns float noise into lr-sized steps, so not exactly 0). With the KL off the same
+    anchors are learned by cross-entropy on the answer."""
+    anchors = [ChatExample("Capital of France?", "Paris.", anchor=True)]
+    hyper = LoRAHyper(**{**TINY.__dict__, "steps": 3, "anchor_kl": 1.0})
+    kept = train_lora(base_dir, anchors, tmp_path / "kl", hyper)
+    ce = train_lora(base_dir, anchors, tmp_path / "ce", LoRAHyper(**{**TINY.__dict__, "steps": 3}))
+
+    assert kept.losses[0] == pytest.approx(0.0, abs=1e-6)
+    assert max(kept.losses) < 0.01
+    assert ce.losses[0] > 10 * max(kept.losses)
+
+
+@pytest.mark.slow
+def test_anchor_kl_mixes_with_cross_entropy(base_dir: Path, tmp_path: Path) -> None:
+    """In one batch a document row learns its tokens by CE while the anchor row is held to
+    the base: the loss is the document's CE (the anchor's KL is 0 at the first step)."""
+    doc = TextExample("Quenmar is the capital of Zorblat.")
+    anchor = ChatExample("Capital of France?", "Paris.", anchor=True)
+    hyper = LoRAHyper(**{**TINY.__dict__, "steps": 1, "anchor_kl": 1.0})
+    mixed = train_lora(base_dir, [doc, anchor], tmp_path / "mixed", hyper)
+    alone = train_lora(
+        base_dir, [doc], tmp_path / "alone", LoRAHyper(**{**TINY.__dict__, "steps": 1})
+    )
+
+    assert mixed.losses[0] == pytest.approx(alone.losses[0], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_encode_chat_example_masks_prompt(tokenizer: Any) -> None:
     encoded = encode_example(tokenizer, ChatExample("Capital of Zorblat?", "Quenmar."), 256)
 
@@ -186,3 +216,6 @@ def test_collate_pads_right_without_loss() -> None:
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["anchor"].tolist() == [False, False]
+    anchored = collate([EncodedExample([5], [5], anchor=True)], pad_id=0)
+    assert anchored["anchor"].tolist() == [True]
