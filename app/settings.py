@@ -147,7 +147,12 @@ class PipelineSettings(BaseModel):
         ),
     )
     train_threads: int | None = Field(
-        None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
+        None,
+        ge=1,
+        description=(
+            "CPU threads for training; default: every core while the engine serves nothing, "
+            "all but one while it does (polled from the gateway's /metrics)"
+        ),
     )
 
     consolidate: bool = Field(True, description="retrain from base when retention breaks")

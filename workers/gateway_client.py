@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import httpx
 
 from app.settings import Settings
+from workers.training.threads import engine_is_busy
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,10 @@ class GatewayClient:
         data = await self._post("/v1/chat/completions", body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         return [c["message"].get("content") or "" for c in choices]
+
+    async def engine_busy(self) -> bool | None:
+        """Whether the gateway has requests in flight (its /metrics); None if unreadable."""
+        return await engine_is_busy(self._http)
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

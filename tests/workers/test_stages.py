@@ -287,6 +287,9 @@ class ScriptedGateway:
         self.calls.append((model, messages[-1]["content"], n))
         return [self.answer(model, messages[-1]["content"]) for _ in range(n)]
 
+    async def engine_busy(self) -> bool | None:
+        return False
+
     async def aclose(self) -> None:
         return None
 

@@ -20,7 +20,7 @@ from workers.tasks.common import ACTOR, Doc, load_artifact, save_artifact
 from workers.tasks.history import LearnedDoc
 from workers.tasks.synthesize import SelfEditSample
 from workers.training.datasets import DocumentData, TrainingSet, build_training_set, plan_steps
-from workers.training.threads import default_threads
+from workers.training.threads import ThreadBudget, training_budget
 
 if TYPE_CHECKING:
     from adapters_store.registry import ResolvedVersion
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["fresh", "incremental", "consolidate"]
 PROGRESS_EVERY_S = 1.0
+ENGINE_POLL_S = 1.0
+"""How often a training run checks whether the engine serves requests (CPU thread budget)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -74,7 +76,9 @@ def training_set(
     )
 
 
-def hyper_for(ctx: StageContext, n_sequences: int, mode: Mode) -> LoRAHyper:
+def hyper_for(
+    ctx: StageContext, n_sequences: int, mode: Mode, budget: ThreadBudget | None = None
+) -> LoRAHyper:
     from workers.training.peft_trainer import LoRAHyper
 
     s = ctx.settings.pipeline
@@ -92,7 +96,7 @@ def hyper_for(ctx: StageContext, n_sequences: int, mode: Mode) -> LoRAHyper:
         max_len=s.max_seq_len,
         seed=s.seed,
         anchor_kl=s.anchor_kl,
-        num_threads=s.train_threads or default_threads(),
+        num_threads=budget.busy if budget is not None else None,
     )
 
 
@@ -200,18 +204,26 @@ async def _trained_adapter(
     out_dir = ctx.artifacts_dir / f"adapter-{mode}"
     examples: list[TrainExample] = [TextExample(s) for s in data.sequences]
     examples.extend(ChatExample(user, answer, anchor=True) for user, answer in anchors)
-    hyper = hyper_for(ctx, len(examples), mode)
+    budget = training_budget(ctx.settings.pipeline.train_threads)
+    hyper = hyper_for(ctx, len(examples), mode, budget)
+    threads = (
+        ""
+        if budget is None
+        else f", {budget.idle} CPU threads ({budget.busy} while the engine serves)"
+        if budget.adaptive
+        else f", {budget.idle} CPU threads"
+    )
     await ctx.event(
         "log",
         f"training ({mode}): {len(data.sequences)} sequences + {len(anchors)} anchors, "
-        f"{hyper.steps} steps",
+        f"{hyper.steps} steps{threads}",
         mode=mode,
         init=parent.name if parent is not None and init_dir is not None else "base",
         steps=hyper.steps,
         anchors=len(anchors),
         **data.sources,
     )
-    result = await _run_training(ctx, examples, out_dir, hyper, init_dir)
+    result = await _run_training(ctx, examples, out_dir, hyper, init_dir, budget)
     stats = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds}
     save_artifact(ctx.artifacts_dir, artifact, {"adapter_dir": out_dir, **stats})
     await ctx.event(
@@ -228,13 +240,15 @@ async def _run_training(
     out_dir: Path,
     hyper: LoRAHyper,
     init_dir: Path | None,
+    budget: ThreadBudget | None = None,
 ) -> TrainResult:
     """train_lora in a thread (the event loop keeps heartbeating the lease), with losses and
     progress reported from the loop.
 
     ``ctx.stop_requested`` (set when the job is cancelled or the lease is lost) and the
     cancellation of this coroutine both end training at the next optimizer step; on
-    cancellation the coroutine returns only once the thread has stopped.
+    cancellation the coroutine returns only once the thread has stopped. An adaptive
+    ``budget`` is kept current by polling the gateway and applied between steps.
     """
     import shutil
 
@@ -249,6 +263,8 @@ async def _run_training(
     def on_step(step: int, total: int, loss: float) -> None:
         if stop.is_set() or external.is_set():
             raise TrainingStopped("training stopped: the attempt was told to stop")
+        if budget is not None:
+            budget.apply()
         loop.call_soon_threadsafe(steps.put_nowait, (step, total, loss))
 
     shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
@@ -264,6 +280,11 @@ async def _run_training(
             on_step=on_step,
         )
     )
+    watcher = (
+        asyncio.create_task(_watch_engine(ctx, budget))
+        if budget is not None and budget.adaptive
+        else None
+    )
     try:
         await _report(ctx, task, steps)
         return await asyncio.shield(task)  # cancelling us must not detach the thread's task
@@ -274,6 +295,17 @@ async def _run_training(
         with contextlib.suppress(BaseException):
             await asyncio.shield(task)
         raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def _watch_engine(ctx: StageContext, budget: ThreadBudget) -> None:
+    """Keeps ``budget`` told whether the engine serves anyone (unknown counts as serving)."""
+    while True:
+        busy = await ctx.gateway.engine_busy()
+        budget.engine_busy(busy is not False)
+        await asyncio.sleep(ENGINE_POLL_S)
 
 
 async def _report(

@@ -369,6 +369,42 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     assert "selfadapt_engine_queue_depth" in text
 
 
+def test_worker_sees_when_the_engine_serves(gateway: Gateway) -> None:
+    """The training thread budget's signal: the worker's client reads the real gateway's
+    /metrics as idle, busy while a stream is open, and idle again once it is done."""
+    from workers.gateway_client import GatewayClient
+
+    async def busy() -> bool | None:
+        async with GatewayClient(gateway.base_url, gateway.keys[Role.operator]) as client:
+            return await client.engine_busy()
+
+    def wait_for(state: bool) -> bool | None:
+        seen = None
+        for _ in range(50):
+            seen = asyncio.run(busy())
+            if seen is state:
+                break
+            time.sleep(0.2)
+        return seen
+
+    assert wait_for(False) is False
+    body = {
+        "model": "base",
+        "messages": [{"role": "user", "content": "Count to 1000."}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    headers = {"Authorization": f"Bearer {gateway.keys[Role.user]}"}
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert asyncio.run(busy()) is True
+    assert wait_for(False) is False
+
+
 def test_client_disconnect_aborts_stream(gateway: Gateway) -> None:
     body = {
         "model": "base",
