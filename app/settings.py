@@ -136,7 +136,7 @@ class PipelineSettings(BaseModel):
         0.5, ge=0, description="replayed earlier sequences per new sequence"
     )
     anchor_fraction: float = Field(
-        1.0, ge=0, description="base-model answers to general prompts mixed in per sequence"
+        2.0, ge=0, description="base-model answers to general prompts mixed in per sequence"
     )
     anchor_kl: float = Field(
         1.0,

@@ -34,4 +34,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # One INFO line per HTTP request (the worker's chat calls, its 1 s metrics poll while
+    # training) drowns the job's own log; errors still come through.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     cli()

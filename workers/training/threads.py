@@ -7,6 +7,9 @@ held to "all cores but one" leaves a core unused. `ThreadBudget` gives training 
 the engine has no requests and steps back to all but one as soon as it serves any; the worker
 polls the gateway's metrics for that (`engine_is_busy`), and the training thread applies the
 current budget between optimizer steps.
+
+Measured on the 2-core box (2026-11-25, 20 steps of a pipeline job's data, no engine running):
+1 thread 24.4 s, 2 threads 17.4 s.
 """
 
 from __future__ import annotations
