@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
+from app.engine.dtype import resolve_dtype
+from app.settings import EngineSettings
 from bench.plot import Panel, bar_panels
 from tests.support.keys import create_keys
 from tests.support.models import (
@@ -449,7 +451,9 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
         env = {**base_env, **({} if patched else {"VLLM_PLUGINS": ""})}
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         argv += ["--model", str(setup.model_dir), "--served-model-name", BASE_MODEL]
-        argv += ["--dtype", "bfloat16", "--max-model-len", str(cfg.max_model_len)]
+        # The dtype the gateway's engine resolves "auto" to on this machine: same compute.
+        dtype = resolve_dtype(EngineSettings().dtype)
+        argv += ["--dtype", dtype, "--max-model-len", str(cfg.max_model_len)]
         argv += ["--enable-lora", "--max-lora-rank", str(setup.rank)]
         argv += ["--max-loras", str(cfg.max_loras), "--max-num-seqs", str(cfg.max_num_seqs)]
         argv += ["--disable-log-stats", "--disable-uvicorn-access-log"]  # as the gateway runs

@@ -16,6 +16,7 @@ from app.engine.base import (
     SamplingOptions,
     TokenLogprob,
 )
+from app.engine.dtype import resolve_dtype
 from app.errors import APIError, EngineUnavailable, InvalidRequest
 from app.settings import EngineSettings
 
@@ -65,7 +66,7 @@ class LocalEngine:
         s = self._settings
         kwargs: dict[str, Any] = {
             "model": str(self._model_dir),
-            "dtype": s.dtype,
+            "dtype": resolve_dtype(s.dtype),
             "max_model_len": s.max_model_len,
             "max_num_seqs": s.max_num_seqs,
             "enforce_eager": s.enforce_eager,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -388,38 +391,33 @@ def test_worker_sees_when_the_engine_serves(gateway: Gateway) -> None:
         return seen
 
     assert wait_for(False) is False
-    body = {
-        "model": "base",
-        "messages": [{"role": "user", "content": "Count to 1000."}],
-        "max_tokens": 400,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    headers = {"Authorization": f"Bearer {gateway.keys[Role.user]}"}
-    with httpx.stream(
-        "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
-    ) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+    with _long_stream(gateway, max_tokens=400):
         assert asyncio.run(busy()) is True
     assert wait_for(False) is False
 
 
-def test_client_disconnect_aborts_stream(gateway: Gateway) -> None:
+@contextlib.contextmanager
+def _long_stream(gateway: Gateway, **extra: Any) -> Iterator[None]:
+    """A streamed base-model request that runs past EOS, open until the block ends (the
+    client then disconnects); entered once the first chunk has arrived."""
     body = {
         "model": "base",
         "messages": [{"role": "user", "content": "Count to 1000."}],
-        "max_tokens": 1500,
         "stream": True,
-        "extra": 1,
         "ignore_eos": True,
+        **extra,
     }
     headers = {"Authorization": f"Bearer {gateway.keys[Role.user]}"}
     with httpx.stream(
         "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
     ) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+        assert next(r.iter_lines()).startswith("data: ")
+        yield
+
+
+def test_client_disconnect_aborts_stream(gateway: Gateway) -> None:
+    with _long_stream(gateway, max_tokens=1500, extra=1):
+        pass
     # The engine must drop the request: its queue empties long before 1500 tokens are made.
     for _ in range(50):
         metrics = httpx.get(f"{gateway.base_url}/metrics").text
