@@ -151,11 +151,13 @@ class PipelineSettings(BaseModel):
         ),
     )
     train_threads: int | None = Field(
-        None,
-        ge=1,
+        None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
+    )
+    adaptive_train_threads: bool = Field(
+        False,
         description=(
-            "CPU threads for training; default: every core while the engine serves nothing, "
-            "all but one while it does (polled from the gateway's /metrics)"
+            "train on every core while the gateway's /metrics shows no request in flight, all "
+            "but one otherwise (off: a live check read no request in flight during a stream)"
         ),
     )
 

@@ -204,7 +204,8 @@ async def _trained_adapter(
     out_dir = ctx.artifacts_dir / f"adapter-{mode}"
     examples: list[TrainExample] = [TextExample(s) for s in data.sequences]
     examples.extend(ChatExample(user, answer, anchor=True) for user, answer in anchors)
-    budget = training_budget(ctx.settings.pipeline.train_threads)
+    settings = ctx.settings.pipeline
+    budget = training_budget(settings.train_threads, adaptive=settings.adaptive_train_threads)
     hyper = hyper_for(ctx, len(examples), mode, budget)
     threads = (
         ""

@@ -113,13 +113,14 @@ def default_threads() -> int | None:
     return max(1, cpu_cores() - 1)
 
 
-def training_budget(threads: int | None) -> ThreadBudget | None:
-    """``threads`` fixed, or (None, on CPU) every core while the engine is idle and all but one
-    while it serves; None on CUDA (torch's default)."""
+def training_budget(threads: int | None, *, adaptive: bool = False) -> ThreadBudget | None:
+    """``threads`` fixed; else on CPU all cores but one, or (``adaptive``) every core while
+    the engine is idle and all but one while it serves; None on CUDA (torch's default)."""
     import torch
 
     if threads is not None:
         return ThreadBudget.fixed(threads)
     if torch.cuda.is_available():
         return None
-    return ThreadBudget.for_cpu()
+    budget = ThreadBudget.for_cpu()
+    return budget if adaptive else ThreadBudget.fixed(budget.busy)

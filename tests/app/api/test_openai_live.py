@@ -372,30 +372,6 @@ def test_health_ready_and_metrics(gateway: Gateway) -> None:
     assert "selfadapt_engine_queue_depth" in text
 
 
-def test_worker_sees_when_the_engine_serves(gateway: Gateway) -> None:
-    """The training thread budget's signal: the worker's client reads the real gateway's
-    /metrics as idle, busy while a stream is open, and idle again once it is done."""
-    from workers.gateway_client import GatewayClient
-
-    async def busy() -> bool | None:
-        async with GatewayClient(gateway.base_url, gateway.keys[Role.operator]) as client:
-            return await client.engine_busy()
-
-    def wait_for(state: bool) -> bool | None:
-        seen = None
-        for _ in range(50):
-            seen = asyncio.run(busy())
-            if seen is state:
-                break
-            time.sleep(0.2)
-        return seen
-
-    assert wait_for(False) is False
-    with _long_stream(gateway, max_tokens=400):
-        assert asyncio.run(busy()) is True
-    assert wait_for(False) is False
-
-
 @contextlib.contextmanager
 def _long_stream(gateway: Gateway, **extra: Any) -> Iterator[None]:
     """A streamed base-model request that runs past EOS, open until the block ends (the

@@ -48,6 +48,13 @@ def test_budget_follows_the_engine_and_applies_between_steps() -> None:
 def test_single_core_and_fixed_budgets_never_change() -> None:
     one = ThreadBudget.for_cpu(cores=1)
     assert (one.idle, one.busy, one.adaptive) == (1, 1, False)
+    cpu = ThreadBudget.for_cpu()
+    default = training_budget(None)  # off by default: all cores but one, fixed
+    assert default is not None
+    assert (default.idle, default.adaptive) == (cpu.busy, False)
+    adaptive = training_budget(None, adaptive=True)
+    assert adaptive is not None
+    assert (adaptive.idle, adaptive.busy) == (cpu.idle, cpu.busy)
     fixed = training_budget(3)
     assert fixed is not None
     assert (fixed.idle, fixed.busy, fixed.adaptive) == (3, 3, False)
