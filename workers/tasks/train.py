@@ -212,7 +212,7 @@ async def _trained_adapter(
         if budget is None
         else f", {budget.idle} CPU threads ({budget.busy} while the engine serves)"
         if budget.adaptive
-        else f", {budget.idle} CPU threads"
+        else f", {budget.idle} CPU thread{'s' if budget.idle > 1 else ''}"
     )
     await ctx.event(
         "log",
