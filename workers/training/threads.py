@@ -106,11 +106,8 @@ def default_threads() -> int | None:
     """Threads for a training run that cannot watch the engine: all cores but one on CPU (the
     engine's worker keeps one busy while it serves; measured: an oversubscribed OpenMP pool
     slows training ~10x on 2 cores), torch's default (None) on CUDA."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    return max(1, cpu_cores() - 1)
+    budget = training_budget(None)
+    return budget.busy if budget is not None else None
 
 
 def training_budget(threads: int | None, *, adaptive: bool = False) -> ThreadBudget | None:
