@@ -154,10 +154,10 @@ class PipelineSettings(BaseModel):
         None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
     )
     adaptive_train_threads: bool = Field(
-        False,
+        True,
         description=(
-            "train on every core while the gateway's /metrics shows no request in flight, all "
-            "but one otherwise (off: a live check read no request in flight during a stream)"
+            "without train_threads: train on every core while the gateway's /metrics shows no "
+            "request in flight, all but one as soon as it serves (polled each second)"
         ),
     )
 

@@ -387,8 +387,38 @@ def _long_stream(gateway: Gateway, **extra: Any) -> Iterator[None]:
     with httpx.stream(
         "POST", f"{gateway.base_url}/v1/chat/completions", json=body, headers=headers, timeout=60
     ) as r:
-        assert next(r.iter_lines()).startswith("data: ")
+        # Keep the line iterator referenced: a discarded one is garbage-collected, which closes
+        # the connection (the client has then left before the block starts).
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
         yield
+        del lines
+
+
+def test_worker_sees_when_the_engine_serves(gateway: Gateway) -> None:
+    """The training thread budget's signal: the worker's client reads the real gateway's
+    /metrics as idle, busy while a stream is open, and idle again once it is done."""
+    from workers.gateway_client import GatewayClient
+
+    async def busy() -> bool | None:
+        async with GatewayClient(gateway.base_url, gateway.keys[Role.operator]) as client:
+            return await client.engine_busy()
+
+    def wait_for(state: bool) -> bool | None:
+        seen = None
+        for _ in range(50):
+            seen = asyncio.run(busy())
+            if seen is state:
+                break
+            time.sleep(0.2)
+        return seen
+
+    assert wait_for(False) is False
+    with _long_stream(gateway, max_tokens=1500):
+        assert asyncio.run(busy()) is True
+        time.sleep(1.0)
+        assert asyncio.run(busy()) is True
+    assert wait_for(False) is False
 
 
 def test_client_disconnect_aborts_stream(gateway: Gateway) -> None:

@@ -49,7 +49,7 @@ def test_single_core_and_fixed_budgets_never_change() -> None:
     one = ThreadBudget.for_cpu(cores=1)
     assert (one.idle, one.busy, one.adaptive) == (1, 1, False)
     cpu = ThreadBudget.for_cpu()
-    default = training_budget(None)  # off by default: all cores but one, fixed
+    default = training_budget(None)  # not adaptive unless asked: all cores but one, fixed
     assert default is not None
     assert (default.idle, default.adaptive) == (cpu.busy, False)
     adaptive = training_budget(None, adaptive=True)
