@@ -151,7 +151,7 @@ class PipelineSettings(BaseModel):
         ),
     )
     train_threads: int | None = Field(
-        None, ge=1, description="CPU threads for training; default: all cores but one (engine)"
+        None, ge=1, description="a fixed CPU thread count for training (unset: adaptive)"
     )
     adaptive_train_threads: bool = Field(
         True,

@@ -34,6 +34,7 @@ from typing import Any
 from app.auth import Role
 from bench.cycle import gate_args, gate_from, parse_settings
 from bench.live import Stack, live_stack, machine
+from bench.signals import exit_on_sigterm
 from workers.gateway_client import GatewayClient
 from workers.metrics import score_answers
 from workers.tasks.evaluate import GUARD_FILE, EvalItem, answer_all, load_guard
@@ -272,6 +273,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-schema JSONL")
     parser.add_argument("--docs", type=int, default=8, help="documents learned in sequence")

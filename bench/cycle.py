@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.live import Stack, live_stack, machine
+from bench.signals import exit_on_sigterm
 from workers.metrics import contains
 
 logger = logging.getLogger("bench.cycle")
@@ -120,6 +121,7 @@ def gate_from(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="warm one-document jobs to time")
     gate_args(parser)

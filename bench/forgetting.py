@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.signals import exit_on_sigterm
+
 logger = logging.getLogger("bench.forgetting")
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parent / "data" / "made_up_facts.jsonl"
@@ -169,6 +171,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     p = argparse.ArgumentParser(prog="python -m bench.forgetting", description=__doc__)
     p.add_argument("--variants", type=Path, help="JSON list of variants; default: README's")
     p.add_argument("--data", type=Path, default=DATA, help="SQuAD-schema JSONL")

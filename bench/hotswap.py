@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from app.auth import Role
+from bench.signals import exit_on_sigterm
 from tests.app.registry.cluster import Champion, Cluster, import_adapter, was_champion
 from tests.factories import temp_database_url
 from tests.support.models import VEXTORIA, ZORBLAT, bundled_model_dir, default_cache_root
@@ -266,6 +267,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    exit_on_sigterm()
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise

@@ -33,6 +33,7 @@ from typing import Any
 
 from app.settings import PipelineSettings, RestemSettings
 from bench.learning_stats import CONDITIONS, table
+from bench.signals import exit_on_sigterm
 from workers.training.peft_trainer import LoRAHyper
 
 logger = logging.getLogger("bench.learning")
@@ -216,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench.learning_run import run
 
+    exit_on_sigterm()
     args = finish(build_parser().parse_args(argv))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     try:

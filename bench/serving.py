@@ -28,6 +28,7 @@ from openai import AsyncOpenAI
 from app.engine.dtype import resolve_dtype
 from app.settings import EngineSettings
 from bench.plot import Panel, bar_panels
+from bench.signals import exit_on_sigterm
 from tests.support.keys import create_keys
 from tests.support.models import (
     VEXTORIA,
@@ -684,8 +685,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; exit status 1 when any server failed or any request failed."""
     cfg = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the running server (its own session) is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()  # the running server (its own session) is stopped too
     t0 = time.monotonic()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="selfadapt-bench-"))
