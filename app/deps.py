@@ -12,11 +12,12 @@ from adapters_store.registry import AdapterRegistry
 from app.auth import Authenticator, Principal, Role
 from app.engine.base import EngineClient
 from app.metrics import Metrics
-from app.services.adapters import AdapterResolver, AdapterService
+from app.services.adapters import AdapterService
 from app.services.chat import ChatService
 from app.services.completions import CompletionService
 from app.services.ingest import IngestService
 from app.services.jobs import JobService
+from app.services.model_resolver import AdapterResolver
 from app.services.restem import RestemService
 from app.settings import Settings
 from app.state import AppState

@@ -26,7 +26,7 @@ from app.db.session import make_engine, make_sessionmaker
 from app.engine.base import EngineClient
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.services.adapters import AdapterService, RegistryAdapterResolver
+from app.services.adapters import AdapterService
 from app.services.admission import Admission
 from app.services.chat import ChatService
 from app.services.completions import CompletionService
@@ -34,6 +34,7 @@ from app.services.generation import GenerationService
 from app.services.hotswap import HotSwap
 from app.services.ingest import IngestService
 from app.services.jobs import JobQueue, JobService
+from app.services.model_resolver import RegistryAdapterResolver
 from app.services.restem import RestemService
 from app.settings import Settings, get_settings
 from app.state import AppState

@@ -15,12 +15,13 @@ if TYPE_CHECKING:
     from app.auth import Authenticator
     from app.engine.base import EngineClient
     from app.metrics import Metrics
-    from app.services.adapters import AdapterService, RegistryAdapterResolver
+    from app.services.adapters import AdapterService
     from app.services.chat import ChatService
     from app.services.completions import CompletionService
     from app.services.hotswap import HotSwap
     from app.services.ingest import IngestService
     from app.services.jobs import JobQueue, JobService
+    from app.services.model_resolver import RegistryAdapterResolver
     from app.services.restem import RestemService
 
 

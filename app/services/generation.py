@@ -13,8 +13,8 @@ from app.engine.base import EngineClient, EngineStep, SamplingOptions
 from app.errors import APIError, InvalidRequest
 from app.metrics import Metrics
 from app.protocol.openai import SamplingFields, Usage
-from app.services.adapters import AdapterResolver, ResolvedModel
 from app.services.admission import Admission, Slot
+from app.services.model_resolver import AdapterResolver, ResolvedModel
 
 _DONE = object()
 

@@ -12,7 +12,8 @@ from adapters_store.events import ChangeEvent, ChangeSubscriber
 
 if TYPE_CHECKING:
     from adapters_store.registry import AdapterRegistry
-    from app.services.adapters import AdapterService, RegistryAdapterResolver
+    from app.services.adapters import AdapterService
+    from app.services.model_resolver import RegistryAdapterResolver
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,38 +27,19 @@ from app.services.jobs import JobQueue
 from app.settings import PipelineSettings, Settings
 from tests.conftest import Gateway
 from tests.factories import temp_database_url
+from tests.support.pipeline_live import LiveWorker
 from tests.support.server import free_port
 from workers.embedded_redis import EmbeddedRedis
 
-REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/9"
 PIPELINE = {"lease_s": 3.0, "heartbeat_s": 0.5, "reaper_interval_s": 0.5, "batch_window_s": 0.0}
 
 
-@dataclass
-class Cluster:
-    """Worker subprocesses sharing one database and one Redis queue."""
+@dataclass(kw_only=True)
+class Cluster(LiveWorker):
+    """Worker subprocesses sharing one database and one Redis queue, with their settings."""
 
     settings: Settings
-    env: dict[str, str]
-    log_dir: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"worker-{len(self.procs)}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.log_dir.glob("*.log")))
 
 
 @pytest.fixture(
@@ -90,18 +69,11 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
             **{f"SELFADAPT_PIPELINE__{k.upper()}": str(v) for k, v in PIPELINE.items()},
         }
         (tmp_path / "logs").mkdir()
-        c = Cluster(settings, env, tmp_path / "logs")
+        c = Cluster(env=env, log_dir=tmp_path / "logs", settings=settings)
         try:
             yield c
         finally:
-            for proc in c.procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+            c.stop()
             client = redis.Redis.from_url(redis_url)
             for key in client.scan_iter(f"saq:{queue}:*"):
                 client.delete(key)
@@ -135,7 +107,7 @@ class Db:
     sessionmaker: async_sessionmaker[AsyncSession]
 
     async def wait_for(
-        self, stmt: Select[tuple[int]], what: str, cluster: Cluster, within: float
+        self, stmt: Select[int], what: str, cluster: Cluster, within: float
     ) -> None:
         deadline = asyncio.get_running_loop().time() + within
         while True:
@@ -155,7 +127,7 @@ async def test_sigkill_mid_stage_finishes_exactly_once(
     attempt must find and reuse the version the dead attempt committed."""
     queue = JobQueue.from_settings(cluster.settings)
     try:
-        first = cluster.start_worker()
+        first = cluster.start()
         ingest = IngestService(db.sessionmaker, queue, cluster.settings.pipeline)
         result = await ingest.ingest(
             namespace="acme",
@@ -176,7 +148,7 @@ async def test_sigkill_mid_stage_finishes_exactly_once(
         await db.wait_for(reached, f"attempt 1 in {kill_in}", cluster, within=60)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        cluster.start_worker()
+        cluster.start()
         done = (
             select(func.count())
             .select_from(AdaptationJob)
@@ -251,11 +223,11 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
         "SELFADAPT_PIPELINE__WORKER_API_KEY": gateway.keys[Role.operator],
     }
     (tmp_path / "logs").mkdir()
-    cluster = Cluster(settings, env, tmp_path / "logs")
+    cluster = Cluster(env=env, log_dir=tmp_path / "logs", settings=settings)
     engine = make_engine(settings)
     db = Db(make_sessionmaker(engine))
     try:
-        first = cluster.start_worker()
+        first = cluster.start()
         async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
             r = await client.post(
                 "/v1/documents",
@@ -272,7 +244,7 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
         await db.wait_for(training, "attempt 1 to train", cluster, within=600)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        cluster.start_worker()
+        cluster.start()
         done = (
             select(func.count())
             .select_from(AdaptationJob)
@@ -300,10 +272,7 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
             )
             assert len(promotions) == (1 if job.decision == "promoted" else 0)
     finally:
-        for proc in cluster.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+        cluster.stop()
         await engine.dispose()
         client_ = redis.Redis.from_url(REDIS_URL)
         for key in client_.scan_iter(f"saq:{queue_name}:*"):

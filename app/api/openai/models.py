@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from app.deps import ResolverDep, UserDep
 from app.protocol.openai import ModelCard, ModelList
-from app.services.adapters import model_not_found
+from app.services.model_resolver import model_not_found
 
 router = APIRouter(tags=["openai"])
 
