@@ -161,9 +161,23 @@ class PipelineSettings(BaseModel):
         ),
     )
 
+    temper_scales: list[float] = Field(
+        default_factory=lambda: [0.6, 0.35],
+        description=(
+            "when a candidate learned its documents but broke the forgetting budget (guard or "
+            "retention), try its update scaled by these factors in turn (empty: off)"
+        ),
+    )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0
+
+    @field_validator("temper_scales")
+    @classmethod
+    def _scales_in_unit_interval(cls, scales: list[float]) -> list[float]:
+        if any(not 0.0 < s < 1.0 for s in scales):
+            raise ValueError(f"temper_scales must lie strictly between 0 and 1, got {scales}")
+        return scales
 
     # --- evaluation (learning) ---
     eval_max_tokens: int = Field(64, ge=1)

@@ -29,11 +29,13 @@ from workers.tasks import (
     probes,
     promote,
     synthesize,
+    temper,
     train,
 )
 from workers.tasks.common import Doc, DocumentRow, as_doc
 
 if TYPE_CHECKING:
+    from adapters_store.models import NamespaceSettings
     from adapters_store.registry import AdapterRegistry, ResolvedVersion
     from workers.gateway_client import GatewayClient
 
@@ -159,10 +161,17 @@ async def _stages(
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
     gate = await promote.gate_settings(ctx)
     consolidate = ctx.settings.pipeline.consolidate
+    first, first_scores = candidate, scores
     if champion is not None and consolidate and (broken := promote.retention_broken(scores, gate)):
         clock.start("consolidate")
         await ctx.event("log", f"retention budget broken ({broken}); consolidating")
         candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
+    scales = ctx.settings.pipeline.temper_scales
+    if scales and (why := promote.forgot_only(scores, gate)):
+        clock.start("temper")
+        await ctx.event("log", f"{candidate.name} learned but forgot too much ({why}); tempering")
+        source = _temper_source(gate, (first, first_scores), (candidate, scores))
+        candidate, scores = await _temper(ctx, source, candidate, champion, sets, reference, scales)
 
     clock.start("gate")
     await ctx.progress("gate", 0.0)
@@ -176,6 +185,49 @@ async def _stages(
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
     )
+
+
+def _temper_source(
+    gate: NamespaceSettings,
+    first: tuple[train.Candidate, dict[str, Any]],
+    last: tuple[train.Candidate, dict[str, Any]],
+) -> train.Candidate:
+    """Which candidate to temper: the last one, except that a consolidated candidate which
+    still lost earlier documents would only lose more when scaled towards the base; the
+    incremental one scaled towards the champion gets back what the champion knew."""
+    (incremental, incremental_scores), (candidate, scores) = first, last
+    if (
+        candidate is not incremental
+        and promote.retention_broken(scores, gate)
+        and promote.forgot_only(incremental_scores, gate)
+    ):
+        return incremental
+    return candidate
+
+
+async def _temper(
+    ctx: StageContext,
+    source: train.Candidate,
+    current: train.Candidate,
+    champion: ResolvedVersion | None,
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+    scales: Sequence[float],
+) -> tuple[train.Candidate, dict[str, Any]]:
+    """Tries ``source`` with its update scaled by each of ``scales`` in turn; stops at the
+    first that passes the gate, or once one no longer learned the new documents. Returns the
+    last one tried; ``current`` and every earlier one are rejected as superseded."""
+    gate = await promote.gate_settings(ctx)
+    candidate, scores = current, {}
+    for scale in scales:
+        await ctx.progress("evaluate", 0.0)
+        tempered = await temper.temper_stage(ctx, source, scale, parent=champion)
+        scores = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
+        await promote.retire(ctx, candidate, reason=f"superseded by {tempered.name} (tempered)")
+        candidate = tempered
+        if promote.decide(scores, gate).passed or not promote.forgot_only(scores, gate):
+            break
+    return candidate, scores
 
 
 async def _consolidate(

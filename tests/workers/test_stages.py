@@ -4,6 +4,7 @@ idempotency on a real database and registry (a scripted gateway stands in for th
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -244,6 +245,18 @@ def test_gate_rejects_forgetting_and_guard_drop() -> None:
         _scores(0.5, None, (0.0, 0.0), 0.9), NamespaceSettings(max_forgetting=0.1)
     )
     assert lenient.decision == "promoted"
+
+
+def test_forgot_only_names_forgetting_when_the_candidate_learned() -> None:
+    gate = NamespaceSettings()
+    guard = promote.forgot_only(_scores(0.5, None, (0.0, 0.0), 0.9), gate)
+    assert guard is not None
+    assert guard.startswith("guard contains fell from 1.000 (base) to 0.900")
+    retention = promote.forgot_only(_scores(0.5, 0.1, (0.5, 0.3), 1.0), gate)
+    assert retention is not None
+    assert retention.startswith("retention f1 fell")
+    assert promote.forgot_only(_scores(0.1, 0.1, (0.5, 0.3), 0.9), gate) is None  # no gain
+    assert promote.forgot_only(_scores(0.5, None, (0.0, 0.0), 1.0), gate) is None  # passes
 
 
 def test_gate_pending_review_without_auto_promote() -> None:
@@ -624,6 +637,103 @@ async def test_run_pipeline_promotes_a_candidate_that_learned(
     stages = [m for kind, m, _ in ctx.events if kind == "progress"]
     assert stages[:3] == ["self_edit", "probes", "train"]
     assert stages[-1] == "gate"
+
+
+@pytest.mark.parametrize("tempered_knows", [True, False])
+async def test_a_candidate_that_forgot_too_much_is_tempered(
+    stage_env: Callable[..., Any], tiny_adapter: Path, tempered_knows: bool
+) -> None:
+    """v1 learned the document but lost a third of the guard set; its update x0.6 (v2) keeps
+    the guard. Promoted when v2 still knows the fact; otherwise rejected without trying x0.35."""
+    import torch
+    from safetensors.torch import load_file
+
+    from workers.pipeline import run_pipeline
+
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+    forgotten = set(list(guard)[: len(guard) // 3])
+    knows = {"acme@v1", "acme@v2"} if tempered_knows else {"acme@v1"}
+
+    def answer(model: str, prompt: str) -> str:
+        if not prompt.startswith("Let's answer"):
+            return _scripted(model, prompt)
+        question = prompt.split("\n")[-2]
+        if question in guard:
+            return "I forgot." if model == "acme@v1" and question in forgotten else guard[question]
+        return "It is kelloth." if model in knows else "I do not know."
+
+    doc = DocumentInput(
+        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+    )
+    ctx = await stage_env(ScriptedGateway(answer), doc)
+    _pretrained(ctx, tiny_adapter, "fresh")
+    result = await run_pipeline(ctx)
+
+    versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
+    assert sorted(versions) == ["fresh", "fresh-x0.6"]
+    assert versions["fresh"].status == AdapterStatus.rejected
+    assert result.version_id == versions["fresh-x0.6"].id
+    assert result.scores is not None
+    assert result.scores["mode"] == "fresh-x0.6"
+    assert "temper" in result.timings
+    assert any("tempering" in m for kind, m, _ in ctx.events if kind == "log")
+    weights = load_file(str(ctx.registry.blobs.path_for(versions["fresh-x0.6"].blob_sha256)
+                            / "adapter_model.safetensors"))  # fmt: skip
+    original = load_file(str(tiny_adapter / "adapter_model.safetensors"))
+    key = next(k for k in original if ".lora_B." in k)
+    torch.testing.assert_close(weights[key], 0.6 * original[key])
+    if tempered_knows:
+        assert result.decision == "promoted", result.reasons
+        assert (await ctx.registry.resolve("acme")).version_id == result.version_id
+    else:
+        assert result.decision == "rejected"
+        assert result.reasons[0].startswith("new-knowledge f1 0.000")
+
+
+async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candidate(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (incremental from v1) and v3 (consolidated) both learned doc1 and lost doc0; the
+    incremental update x0.6 towards v1 (v4) knows both and is promoted, its parent v1."""
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+    }
+
+    def answer(model: str, prompt: str) -> str:
+        if not prompt.startswith("Let's answer"):
+            return _scripted(model, prompt)
+        question = prompt.split("\n")[-2]
+        if question in guard:
+            return guard[question]
+        gold, models = knows.get(question, ("", set()))
+        return gold if model in models else "I do not know."
+
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(answer), doc1)
+    other = ctx.artifacts_dir.parent / "other-adapter"
+    shutil.copytree(tiny_adapter, other)
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, other, "consolidate")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "promoted", result.reasons
+    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
+    modes = {(v.note or "").split(":")[0]: v for v in versions}
+    assert sorted(modes) == ["consolidate", "incremental", "incremental-x0.6"]
+    assert modes["incremental"].status == AdapterStatus.rejected
+    assert modes["consolidate"].status == AdapterStatus.rejected
+    tempered = modes["incremental-x0.6"]
+    assert (tempered.id, tempered.version) == (result.version_id, 4)
+    assert tempered.parent_version_id == (await ctx.registry.resolve("acme@v1")).version_id
+    assert (await ctx.registry.resolve("acme")).version_id == result.version_id
+    manifest = ctx.registry.blobs.path_for(tempered.blob_sha256) / "manifest.json"
+    assert json.loads(manifest.read_text())["tempered"] == {"scale": 0.6, "towards": "parent"}
 
 
 @pytest.mark.parametrize("how", ["stop_requested", "cancelled"])

@@ -26,6 +26,8 @@ class GateResult:
     decision: str  # promoted | rejected | pending_review
     reasons: list[str] = field(default_factory=list)
     passed: bool = False
+    learned: bool = False
+    """The new-knowledge check alone passed."""
 
 
 async def gate_settings(ctx: StageContext) -> NamespaceSettings:
@@ -52,6 +54,27 @@ def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | N
             f"(> max_forgetting {gate.max_forgetting}) on {n} earlier probes"
         )
     return None
+
+
+def guard_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
+    """Why the candidate lost too much of the guard set relative to the base, or None."""
+    metric = scores["metrics"]["guard"]
+    before, n = _value(scores["base"], "guard", metric)
+    after, _ = _value(scores["candidate"], "guard", metric)
+    if before - after > gate.max_forgetting + EPS:
+        return (
+            f"guard {metric} fell from {before:.3f} (base) to {after:.3f} "
+            f"(> max_forgetting {gate.max_forgetting}) on {n} questions"
+        )
+    return None
+
+
+def forgot_only(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
+    """Why the candidate fails, when forgetting (retention or guard) is the only reason: it
+    learned the new documents (so a smaller step may keep enough of that and pass)."""
+    if not decide(scores, gate).learned:
+        return None
+    return retention_broken(scores, gate) or guard_broken(scores, gate)
 
 
 def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
@@ -85,6 +108,7 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
             f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
             f"gain {gain:+.3f} >= min_gain {gate.min_gain}"
         )
+    learned = ok
     broken = retention_broken(scores, gate)
     if broken:
         ok = False
@@ -105,11 +129,11 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     if too_much:
         ok = False
     if not ok:
-        return GateResult("rejected", reasons, passed=False)
+        return GateResult("rejected", reasons, passed=False, learned=learned)
     if not gate.auto_promote:
         reasons.append("auto_promote is off: waiting for an admin")
-        return GateResult("pending_review", reasons, passed=True)
-    return GateResult("promoted", reasons, passed=True)
+        return GateResult("pending_review", reasons, passed=True, learned=True)
+    return GateResult("promoted", reasons, passed=True, learned=True)
 
 
 async def gate_stage(

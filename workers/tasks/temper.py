@@ -1,0 +1,62 @@
+"""Temper stage: when a candidate learned its documents but forgot a little too much, register
+and evaluate copies of it with the update scaled down (workers/training/temper.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from typing import TYPE_CHECKING
+
+from workers.tasks.train import Candidate, job_version, register_once
+
+if TYPE_CHECKING:
+    from adapters_store.registry import ResolvedVersion
+    from workers.pipeline import StageContext
+
+
+def temper_key(candidate: Candidate, scale: float) -> str:
+    """``incremental-x0.6``: the registration key (note prefix) of a tempered copy."""
+    return f"{candidate.mode}-x{scale:g}"
+
+
+async def temper_stage(
+    ctx: StageContext, candidate: Candidate, scale: float, *, parent: ResolvedVersion | None
+) -> Candidate:
+    """Registers ``candidate`` with its update scaled by ``scale`` (once per job and scale).
+
+    An incremental candidate moves towards ``parent`` (the champion it was trained from); a
+    fresh or consolidated one (trained from the base) towards the base.
+    """
+    from workers.training.temper import temper_adapter
+
+    key = temper_key(candidate, scale)
+    existing = await job_version(ctx, key)
+    if existing is not None:
+        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
+        return existing
+    blobs = ctx.registry.blobs
+    source = await ctx.registry.resolve(candidate.name)
+    source_dir = await asyncio.to_thread(blobs.path_for, source.blob_sha256)
+    towards = parent if candidate.mode == "incremental" else None
+    parent_dir = None
+    if towards is not None:
+        parent_dir = await asyncio.to_thread(blobs.path_for, towards.blob_sha256)
+    out_dir = ctx.artifacts_dir / f"adapter-{key}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
+    await asyncio.to_thread(temper_adapter, source_dir, out_dir, scale, parent_dir=parent_dir)
+    tempered = await register_once(
+        ctx,
+        out_dir,
+        key,
+        parent_version=parent.version if parent is not None else None,
+        detail=f"{candidate.name} tempered x{scale:g}",
+    )
+    target = towards.name if towards is not None else "the base"
+    await ctx.event(
+        "log",
+        f"registered candidate {tempered.name}: {candidate.name}'s update x{scale:g} "
+        f"towards {target}",
+        tempered_from=candidate.name,
+        scale=scale,
+    )
+    return tempered
