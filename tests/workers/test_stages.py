@@ -463,7 +463,9 @@ async def test_self_edit_stage_draws_formats_from_the_last_restem_job(
     docs = [as_doc(row) for row in await ctx.documents()]
     samples = await synthesize.self_edit_stage(ctx, docs)
     assert [s.format for s in samples] == ["rewrite"] * 3
-    assert load_artifact(ctx.artifacts_dir, "self_edits.json")["learned_formats"] == counts
+    artifact = load_artifact(ctx.artifacts_dir, "self_edits.json")
+    assert artifact is not None
+    assert artifact["learned_formats"] == counts
 
 
 async def test_probe_stage_generates_grounded_probes(stage_env: Callable[..., Any]) -> None:
@@ -870,7 +872,7 @@ async def test_consolidation_registers_once_per_mode_across_a_crash(
             if message.startswith("gate:"):
                 raise Crash("worker killed right after the promotion committed")
 
-        ctx.event = killed_after_the_gate  # type: ignore[method-assign]
+        ctx.event = killed_after_the_gate
     with pytest.raises(Crash):
         await run_pipeline(ctx)
 
