@@ -171,7 +171,9 @@ async def _stages(
         clock.start("temper")
         await ctx.event("log", f"{candidate.name} learned but forgot too much ({why}); tempering")
         source = _temper_source(gate, (first, first_scores), (candidate, scores))
-        candidate, scores = await _temper(ctx, source, candidate, champion, sets, reference, scales)
+        candidate, scores = await _temper(
+            ctx, source, (candidate, scores), champion, sets, reference, scales
+        )
 
     clock.start("gate")
     await ctx.progress("gate", 0.0)
@@ -208,7 +210,7 @@ def _temper_source(
 async def _temper(
     ctx: StageContext,
     source: train.Candidate,
-    current: train.Candidate,
+    current: tuple[train.Candidate, dict[str, Any]],
     champion: ResolvedVersion | None,
     sets: dict[str, list[evaluate.EvalItem]],
     reference: dict[str, Any],
@@ -216,12 +218,17 @@ async def _temper(
 ) -> tuple[train.Candidate, dict[str, Any]]:
     """Tries ``source`` with its update scaled by each of ``scales`` in turn; stops at the
     first that passes the gate, or once one no longer learned the new documents. Returns the
-    last one tried; ``current`` and every earlier one are rejected as superseded."""
+    last one tried with its scores (``current`` when none could be made); the ones before it
+    are rejected as superseded."""
     gate = await promote.gate_settings(ctx)
-    candidate, scores = current, {}
+    candidate, scores = current
     for scale in scales:
         await ctx.progress("evaluate", 0.0)
-        tempered = await temper.temper_stage(ctx, source, scale, parent=champion)
+        try:
+            tempered = await temper.temper_stage(ctx, source, scale, parent=champion)
+        except ValueError as e:  # e.g. a champion of another rank (an admin's import)
+            await ctx.event("log", f"cannot temper {source.name}: {e}")
+            break
         scores = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
         await promote.retire(ctx, candidate, reason=f"superseded by {tempered.name} (tempered)")
         candidate = tempered

@@ -738,6 +738,52 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     assert json.loads(manifest.read_text())["tempered"] == {"scale": 0.6, "towards": "parent"}
 
 
+async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scores(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The incremental v2 lost guard answers, and its tensors do not match the champion's
+    (rank 8 vs 4, as after an admin's import): no tempered copy, v2 rejected with its scores."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
+    forgotten = set(list(guard)[: len(guard) // 3])
+
+    def answer(model: str, prompt: str) -> str:
+        if not prompt.startswith("Let's answer"):
+            return _scripted(model, prompt)
+        question = prompt.split("\n")[-2]
+        if question in guard:
+            return "I forgot." if model == "acme@v2" and question in forgotten else guard[question]
+        if question == "What is Vorn?":
+            return "a moon" if model == "acme@v2" else "I do not know."
+        return "kelloth" if question == "What is brewed?" else "?"
+
+    wider = tiny_adapter.parent / "rank8"
+    shutil.copytree(tiny_adapter, wider)
+    weights = load_file(str(tiny_adapter / "adapter_model.safetensors"))
+    doubled = {k: torch.cat([v, v], dim=0 if ".lora_A." in k else 1) for k, v in weights.items()}
+    save_file(doubled, str(wider / "adapter_model.safetensors"))
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(answer), doc1)
+    _pretrained(ctx, wider, "incremental")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "rejected"
+    assert any(r.startswith("guard contains 0.") for r in result.reasons), result.reasons
+    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
+    assert [(v.note or "").split(":")[0] for v in versions] == ["incremental"]
+    assert result.version_id == versions[0].id
+    assert result.scores is not None
+    assert result.scores["mode"] == "incremental"
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("cannot temper" in m for m in logs), logs
+
+
 @pytest.mark.parametrize("how", ["stop_requested", "cancelled"])
 async def test_training_stops_at_the_next_step(
     stage_env: Callable[..., Any],
