@@ -66,3 +66,15 @@ def test_bad_scale_mismatched_parent_and_existing_output_are_refused(tmp_path: P
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError):
         temper_adapter(cand, tmp_path / "taken", 0.5)
+
+
+def test_temper_scales_setting_is_checked() -> None:
+    from pydantic import ValidationError
+
+    from app.settings import PipelineSettings
+
+    assert PipelineSettings().temper_scales == [0.6, 0.35]
+    assert PipelineSettings(temper_scales=[]).temper_scales == []  # off
+    for bad in ([1.0], [0.5, 0.0], [1.5]):
+        with pytest.raises(ValidationError, match="strictly between 0 and 1"):
+            PipelineSettings(temper_scales=bad)
