@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
             chosen = sample_anchors(
                 pairs, len(data.sequences), v.get("anchor_fraction", 2.0), seed=str(seed)
             )
-            examples = [TextExample(s) for s in data.sequences]
+            examples: list[TextExample | ChatExample] = [TextExample(s) for s in data.sequences]
             examples += [ChatExample(u, a, anchor=True) for u, a in chosen]
             steps = plan_steps(
                 len(examples),

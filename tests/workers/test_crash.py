@@ -106,9 +106,7 @@ async def db(cluster: Cluster) -> AsyncIterator[Db]:
 class Db:
     sessionmaker: async_sessionmaker[AsyncSession]
 
-    async def wait_for(
-        self, stmt: Select[int], what: str, cluster: Cluster, within: float
-    ) -> None:
+    async def wait_for(self, stmt: Select[int], what: str, cluster: Cluster, within: float) -> None:
         deadline = asyncio.get_running_loop().time() + within
         while True:
             async with self.sessionmaker() as s:
