@@ -108,7 +108,7 @@ def _run(client: Client, worker: LiveWorker, doc: dict[str, Any]) -> dict[str, A
 @pytest.mark.xfail(
     strict=False,
     reason="issue 5 open: passes most runs but not every one. 2026-11-26 on a bf16 engine with "
-    "KL anchors and tempering: 3 of 4 runs passed (both documents promoted under the default "
+    "KL anchors and tempering: 4 of 5 runs passed (both documents promoted under the default "
     "gate); one failed (325 s instead of ~190 s, so a consolidation or tempering ran; the "
     "failing assertion was not kept). See the README, 'End to end'",
 )
