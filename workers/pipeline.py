@@ -172,7 +172,7 @@ async def _stages(
         await ctx.event("log", f"{candidate.name} learned but forgot too much ({why}); tempering")
         source = _temper_source(gate, (first, first_scores), (candidate, scores))
         candidate, scores = await _temper(
-            ctx, source, (candidate, scores), champion, sets, reference, scales
+            ctx, source, (candidate, scores), champion, sets, reference, gate, scales
         )
 
     clock.start("gate")
@@ -214,13 +214,13 @@ async def _temper(
     champion: ResolvedVersion | None,
     sets: dict[str, list[evaluate.EvalItem]],
     reference: dict[str, Any],
+    gate: NamespaceSettings,
     scales: Sequence[float],
 ) -> tuple[train.Candidate, dict[str, Any]]:
     """Tries ``source`` with its update scaled by each of ``scales`` in turn; stops at the
     first that passes the gate, or once one no longer learned the new documents. Returns the
     last one tried with its scores (``current`` when none could be made); the ones before it
     are rejected as superseded."""
-    gate = await promote.gate_settings(ctx)
     candidate, scores = current
     for scale in scales:
         await ctx.progress("evaluate", 0.0)
@@ -232,7 +232,7 @@ async def _temper(
         scores = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
         await promote.retire(ctx, candidate, reason=f"superseded by {tempered.name} (tempered)")
         candidate = tempered
-        if promote.decide(scores, gate).passed or not promote.forgot_only(scores, gate):
+        if promote.forgot_only(scores, gate) is None:  # passes, or no longer learned
             break
     return candidate, scores
 

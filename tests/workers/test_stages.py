@@ -652,18 +652,10 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
 
     from workers.pipeline import run_pipeline
 
-    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
-    forgotten = set(list(guard)[: len(guard) // 3])
     knows = {"acme@v1", "acme@v2"} if tempered_knows else {"acme@v1"}
-
-    def answer(model: str, prompt: str) -> str:
-        if not prompt.startswith("Let's answer"):
-            return _scripted(model, prompt)
-        question = prompt.split("\n")[-2]
-        if question in guard:
-            return "I forgot." if model == "acme@v1" and question in forgotten else guard[question]
-        return "It is kelloth." if model in knows else "I do not know."
-
+    answer = _qa_answers(
+        {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard="acme@v1"
+    )
     doc = DocumentInput(
         text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
     )
@@ -700,21 +692,12 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     from workers.pipeline import run_pipeline
 
     await _learned_first_document(stage_env, tiny_adapter)
-    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
-    knows = {
-        "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
-        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
-    }
-
-    def answer(model: str, prompt: str) -> str:
-        if not prompt.startswith("Let's answer"):
-            return _scripted(model, prompt)
-        question = prompt.split("\n")[-2]
-        if question in guard:
-            return guard[question]
-        gold, models = knows.get(question, ("", set()))
-        return gold if model in models else "I do not know."
-
+    answer = _qa_answers(
+        {
+            "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
+            "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+        }
+    )
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
     ctx = await stage_env(ScriptedGateway(answer), doc1)
@@ -749,19 +732,13 @@ async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scor
     from workers.pipeline import run_pipeline
 
     await _learned_first_document(stage_env, tiny_adapter)
-    guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
-    forgotten = set(list(guard)[: len(guard) // 3])
-
-    def answer(model: str, prompt: str) -> str:
-        if not prompt.startswith("Let's answer"):
-            return _scripted(model, prompt)
-        question = prompt.split("\n")[-2]
-        if question in guard:
-            return "I forgot." if model == "acme@v2" and question in forgotten else guard[question]
-        if question == "What is Vorn?":
-            return "a moon" if model == "acme@v2" else "I do not know."
-        return "kelloth" if question == "What is brewed?" else "?"
-
+    answer = _qa_answers(
+        {
+            "What is brewed?": ("kelloth", {"base", "acme@v1", "acme@v2"}),
+            "What is Vorn?": ("a moon", {"acme@v2"}),
+        },
+        forgets_guard="acme@v2",
+    )
     wider = tiny_adapter.parent / "rank8"
     shutil.copytree(tiny_adapter, wider)
     weights = load_file(str(tiny_adapter / "adapter_model.safetensors"))
@@ -874,27 +851,43 @@ def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
     save_artifact(earlier, f"train-{mode}.json", {"adapter_dir": earlier / f"adapter-{mode}"})
 
 
-def _consolidation_answers(crash: str | None) -> Callable[[str, str], str]:
-    """v1 knows doc0; the incremental v2 learned doc1 but forgot doc0; the consolidated v3
-    knows both. ``crash="evaluate"`` kills the first question to v3."""
+def _qa_answers(
+    knows: dict[str, tuple[str, set[str]]],
+    *,
+    forgets_guard: str | None = None,
+    crash_on: str | None = None,
+) -> Callable[[str, str], str]:
+    """Scripted evaluation answers: every guard question right (``forgets_guard`` gets a
+    third of them wrong), a probe's gold from the models ``knows`` lists for it, "I do not
+    know." otherwise; the first question to ``crash_on`` raises Crash. Other prompts
+    (self-edits, probes) go to ``_scripted``."""
     guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
-    knows = {
-        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
-        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
-    }
+    forgotten = set(list(guard)[: len(guard) // 3])
 
     def answer(model: str, prompt: str) -> str:
         if not prompt.startswith("Let's answer"):
             return _scripted(model, prompt)
         question = prompt.split("\n")[-2]
-        if crash == "evaluate" and model == "acme@v3":
-            raise Crash("worker killed while evaluating the consolidated candidate")
+        if model == crash_on:
+            raise Crash(f"worker killed while evaluating {model}")
         if question in guard:
-            return guard[question]
+            return (
+                "I forgot." if model == forgets_guard and question in forgotten else guard[question]
+            )
         gold, models = knows.get(question, ("", set()))
         return gold if model in models else "I do not know."
 
     return answer
+
+
+def _consolidation_answers(crash: str | None) -> Callable[[str, str], str]:
+    """v1 knows doc0; the incremental v2 learned doc1 but forgot doc0; the consolidated v3
+    knows both. ``crash="evaluate"`` kills the first question to v3."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+    return _qa_answers(knows, crash_on="acme@v3" if crash == "evaluate" else None)
 
 
 @pytest.mark.parametrize("crash", ["evaluate", "after_promote"])

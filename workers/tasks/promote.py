@@ -40,6 +40,19 @@ def _value(row: dict[str, Any] | None, name: str, metric: str) -> tuple[float, i
     return float(scores.get(metric, 0.0)), int(scores.get("n", 0))
 
 
+def _over_budget(before: float, after: float, gate: NamespaceSettings) -> bool:
+    """More than ``max_forgetting`` lost between two scores."""
+    return before - after > gate.max_forgetting + EPS
+
+
+def _guard(scores: dict[str, Any]) -> tuple[str, float, float, int]:
+    """Guard metric, the base's and the candidate's score, and the number of questions."""
+    metric = scores["metrics"]["guard"]
+    before, n = _value(scores["base"], "guard", metric)
+    after, _ = _value(scores["candidate"], "guard", metric)
+    return metric, before, after, n
+
+
 def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate forgot too much of what the champion knew, or None."""
     metric = scores["metrics"]["gate"]
@@ -48,7 +61,7 @@ def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | N
         return None
     before, n = _value(champion, "retention", metric)
     after, _ = _value(candidate, "retention", metric)
-    if n and before - after > gate.max_forgetting + EPS:
+    if n and _over_budget(before, after, gate):
         return (
             f"retention {metric} fell from {before:.3f} to {after:.3f} "
             f"(> max_forgetting {gate.max_forgetting}) on {n} earlier probes"
@@ -58,10 +71,8 @@ def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | N
 
 def guard_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate lost too much of the guard set relative to the base, or None."""
-    metric = scores["metrics"]["guard"]
-    before, n = _value(scores["base"], "guard", metric)
-    after, _ = _value(scores["candidate"], "guard", metric)
-    if before - after > gate.max_forgetting + EPS:
+    metric, before, after, n = _guard(scores)
+    if _over_budget(before, after, gate):
         return (
             f"guard {metric} fell from {before:.3f} (base) to {after:.3f} "
             f"(> max_forgetting {gate.max_forgetting}) on {n} questions"
@@ -85,7 +96,7 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     most ``max_forgetting`` lost on earlier probes relative to the champion. Guard: at most
     ``max_forgetting`` lost relative to the base model (so drift cannot add up over versions).
     """
-    metric, guard_metric = scores["metrics"]["gate"], scores["metrics"]["guard"]
+    metric = scores["metrics"]["gate"]
     candidate, base = scores["candidate"], scores["base"]
     reference = scores.get("champion") or base
     ref_name = reference.get("model", "base")
@@ -117,10 +128,9 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
         before, n = _value(reference, "retention", metric)
         after, _ = _value(candidate, "retention", metric)
         reasons.append(f"retention {metric} {after:.3f} vs {before:.3f} on {n} earlier probes")
-    guard_before, n_guard = _value(base, "guard", guard_metric)
-    guard_after, _ = _value(candidate, "guard", guard_metric)
+    guard_metric, guard_before, guard_after, n_guard = _guard(scores)
     drop = guard_before - guard_after
-    too_much = drop > gate.max_forgetting + EPS
+    too_much = _over_budget(guard_before, guard_after, gate)
     verdict = ">" if too_much else "<="
     reasons.append(
         f"guard {guard_metric} {guard_after:.3f} vs base {guard_before:.3f} on {n_guard} "
