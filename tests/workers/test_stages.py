@@ -121,6 +121,28 @@ def test_self_edit_segments_follow_seal() -> None:
     assert self_edit_segments("First part.\n---\nSecond part.") == ["First part.", "Second part."]
 
 
+def test_answers_without_their_own_question_are_statements() -> None:
+    """A small model runs on after one question ("Answer 2: ...", "Answer 3: ..."): the
+    first answer stays with the question, the others stand alone, so one invented answer
+    drops only itself (measured: this self-QA was dropped whole for "Russia")."""
+    qa = (
+        "Question 2: What is the Grelvin Archipelago?\n"
+        "Answer 2: An archipelago in the Sorrel Sea off the coast of Russia.\n"
+        "Answer 3: Its largest island, Tamsk, is home to Olverhaven.\n"
+        "Answer 4: The islanders brew kelloth from brisk."
+    )
+    assert self_edit_segments(qa) == [
+        "Question 2: What is the Grelvin Archipelago? "
+        "Answer 2: An archipelago in the Sorrel Sea off the coast of Russia.",
+        "Its largest island, Tamsk, is home to Olverhaven.",
+        "The islanders brew kelloth from brisk.",
+    ]
+    assert grounded_segments(qa, TEXT) == [
+        "Its largest island, Tamsk, is home to Olverhaven.",
+        "The islanders brew kelloth from brisk.",
+    ]
+
+
 def test_split_sentences() -> None:
     assert split_sentences(TEXT) == [
         "The Grelvin Archipelago lies in the Sorrel Sea and was first charted by captain Imre "

@@ -20,6 +20,7 @@ from workers.metrics import normalize_answer
 
 _QUESTION_START = re.compile(r"(?=^\s*(?:Question|Q)\s*\d*\s*[:.)])", re.IGNORECASE | re.MULTILINE)
 _HAS_ANSWER = re.compile(r"^\s*(?:Answer|A)\s*\d*\s*[:.)]", re.IGNORECASE | re.MULTILINE)
+_ANSWER_START = re.compile(r"(?=^\s*(?:Answer|A)\s*\d*\s*[:.)])", re.IGNORECASE | re.MULTILINE)
 _QA_SEGMENT = re.compile(r"\b[Aa]nswer\s*\d*\s*:|(?:^|\s)A\s*\d*\s*:")
 _LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|(?:Implication|Rewrite)\s*\d*\s*:)\s*", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
@@ -85,8 +86,8 @@ def self_edit_segments(completion: str) -> list[str]:
     segments: list[str] = []
     for block in completion.split("---"):
         if _HAS_ANSWER.search(block) and _QUESTION_START.search(block):
-            parts = [p.strip() for p in _QUESTION_START.split(block)]
-            segments.extend(" ".join(p.split()) for p in parts if p)
+            for part in _QUESTION_START.split(block):
+                segments.extend(" ".join(p.split()) for p in _qa_pair_and_extras(part) if p)
             continue
         lines = [line.strip() for line in block.splitlines() if line.strip()]
         if len(lines) > 1 and _PREAMBLE.match(lines[0]):
@@ -94,6 +95,17 @@ def self_edit_segments(completion: str) -> list[str]:
         segments.extend(lines)
     cleaned = (_LIST_MARKER.sub("", s).strip() for s in segments)
     return [s for s in cleaned if s and not _PREAMBLE.match(s)]
+
+
+def _qa_pair_and_extras(part: str) -> list[str]:
+    """A question with its first answer, then every further answer of that question as a
+    statement of its own (small models run on: "Answer 2: ...", "Answer 3: ..." after one
+    question; one invented answer must not cost the grounded ones)."""
+    question, *answers = _ANSWER_START.split(part.strip())
+    if not answers:
+        return [question.strip()]
+    extras = [_HAS_ANSWER.sub("", a, count=1).strip() for a in answers[1:]]
+    return [f"{question.strip()} {answers[0].strip()}", *extras]
 
 
 def novel_names(line: str, document: str) -> list[str]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.training.anchor_reference import AnchorReference
+
 if TYPE_CHECKING:
     import torch
 
@@ -151,7 +153,8 @@ def train_lora(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = hyper.total_steps(len(encoded))
     batches = _batches(encoded, hyper, pad_id, total)
-    losses = _optimise(model, batches, hyper, total, device, on_step)
+    reference = AnchorReference.build(model, encoded, device) if hyper.anchor_kl > 0 else None
+    losses = _optimise(model, batches, hyper, total, device, on_step, reference)
     _save_adapter(model, out_dir)
     seconds = time.monotonic() - started
     logger.info("trained %s: %d steps, loss %.4f, %.1f s", out_dir.name, total, losses[-1], seconds)
@@ -186,8 +189,11 @@ def encode_example(
     return EncodedExample(ids, labels, example.anchor)
 
 
-def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions get attention 0 and no loss."""
+def collate(
+    batch: Sequence[EncodedExample], pad_id: int, indices: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and no loss. ``indices`` (the
+    examples' positions in the training set, default 0..n-1) find their anchor references."""
     import torch
 
     width = max(len(ex.input_ids) for ex in batch)
@@ -200,7 +206,14 @@ def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Ten
         labels[row, :n] = torch.tensor(ex.labels)
         attention[row, :n] = 1
     anchor = torch.tensor([ex.anchor for ex in batch], dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "anchor": anchor}
+    index = torch.tensor(list(indices) if indices is not None else range(len(batch)))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "anchor": anchor,
+        "index": index,
+    }
 
 
 def _batches(
@@ -215,7 +228,7 @@ def _batches(
         while len(order) < hyper.batch_size:
             order.extend(torch.randperm(len(encoded), generator=generator).tolist())
         chunk, order = order[: hyper.batch_size], order[hyper.batch_size :]
-        yield collate([encoded[i] for i in chunk], pad_id)
+        yield collate([encoded[i] for i in chunk], pad_id, chunk)
 
 
 def _pick_device() -> tuple[str, torch.dtype]:
@@ -260,6 +273,7 @@ def _optimise(
     total: int,
     device: str,
     on_step: StepCallback | None,
+    reference: AnchorReference | None = None,
 ) -> list[float]:
     """AdamW at a constant learning rate over the trainable (LoRA) parameters."""
     import torch
@@ -276,9 +290,10 @@ def _optimise(
     model.train()
     losses: list[float] = []
     for step, batch in enumerate(batches, start=1):
-        anchor = batch.pop("anchor")
+        anchor, index = batch.pop("anchor"), batch.pop("index")
         inputs = {key: value.to(device) for key, value in batch.items()}
-        loss = _loss(model, inputs, anchor.to(device), hyper.anchor_kl)
+        anchors = [int(i) for i in index[anchor]]
+        loss = _loss(model, inputs, anchor.to(device), anchors, hyper.anchor_kl, reference)
         loss.backward()
         if hyper.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
@@ -292,18 +307,28 @@ def _optimise(
     return losses
 
 
-def _loss(model: Any, inputs: dict[str, torch.Tensor], anchor: torch.Tensor, kl: float) -> Any:
+def _loss(
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    anchor: torch.Tensor,
+    anchors: Sequence[int],
+    kl: float,
+    reference: AnchorReference | None,
+) -> Any:
     """Cross-entropy on the labels; anchor rows (when ``kl`` > 0) instead pull every next-token
-    distribution towards the base model's (self-distillation on the full distribution)."""
+    distribution towards the base model's (self-distillation on the full distribution).
+    ``anchors`` are the anchor rows' example indices in ``reference`` (the base's logits
+    computed once); without it the base's logits come from a forward pass with the adapter
+    disabled."""
     import torch
     import torch.nn.functional as F
 
     if kl <= 0 or not bool(anchor.any()):
         return model(**inputs).loss
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    out = model(input_ids=ids, attention_mask=attention)
     logits = out.logits[:, :-1]
     labels = inputs["labels"][:, 1:].clone()
-    mask = inputs["attention_mask"][:, 1:].bool()
     labels[anchor] = IGNORE_INDEX  # anchors learn from the base's distribution, not the label
     ce_sum = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
@@ -312,12 +337,15 @@ def _loss(model: Any, inputs: dict[str, torch.Tensor], anchor: torch.Tensor, kl:
         reduction="sum",
     )
     n_ce = int((labels != IGNORE_INDEX).sum())
-    with torch.no_grad(), model.disable_adapter():
-        ref = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    ref_logp = F.log_softmax(ref.logits[:, :-1].float(), dim=-1)
-    logp = F.log_softmax(logits.float(), dim=-1)
+    if reference is not None:
+        ref_logits = reference.logits(anchors, ids.size(1))
+    else:
+        with torch.no_grad(), model.disable_adapter():
+            ref_logits = model(input_ids=ids[anchor], attention_mask=attention[anchor]).logits
+    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(logits[anchor].float(), dim=-1)
     kl_tok = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(base || adapter) per position
-    kl_mask = mask & anchor[:, None]
+    kl_mask = attention[anchor][:, 1:].bool()
     kl_sum = (kl_tok * kl_mask).sum()
     n_kl = int(kl_mask.sum())
     return ce_sum / max(1, n_ce) + kl * kl_sum / max(1, n_kl)
