@@ -168,6 +168,14 @@ class PipelineSettings(BaseModel):
             "retention), try its update scaled by these factors in turn (empty: off)"
         ),
     )
+    extend_steps: int = Field(
+        50,
+        ge=0,
+        description=(
+            "when a candidate learned nothing of its documents (no new-knowledge gain), train "
+            "it this many more steps once and evaluate again (0: off)"
+        ),
+    )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0

@@ -160,6 +160,15 @@ async def _stages(
         reference_task.cancel()
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
     gate = await promote.gate_settings(ctx)
+    more = ctx.settings.pipeline.extend_steps
+    verdict = promote.decide(scores, gate)
+    if more and not verdict.learned and promote.has_probes(scores):
+        clock.start("extend")
+        short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
+        await ctx.event("log", f"{short}; training {more} more steps")
+        candidate, scores = await _extend(
+            ctx, inputs, (candidate, scores), champion, sets, reference, more
+        )
     consolidate = ctx.settings.pipeline.consolidate
     first, first_scores = candidate, scores
     if champion is not None and consolidate and (broken := promote.retention_broken(scores, gate)):
@@ -234,6 +243,27 @@ async def _temper(
         candidate = tempered
         if promote.forgot_only(scores, gate) is None:  # passes, or no longer learned
             break
+    return candidate, scores
+
+
+async def _extend(
+    ctx: StageContext,
+    inputs: train.TrainInputs,
+    current: tuple[train.Candidate, dict[str, Any]],
+    champion: ResolvedVersion | None,
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+    steps: int,
+) -> tuple[train.Candidate, dict[str, Any]]:
+    """One more training run from the candidate that learned nothing; the gate judges the
+    result (its new-knowledge score is measured on the same held-out probes, which neither
+    run trained on). Returns the extended candidate; the first is rejected as superseded."""
+    source, _ = current
+    await ctx.progress("train", 0.0)
+    candidate = await train.extend_stage(ctx, inputs, source, parent=champion, steps=steps)
+    await ctx.progress("evaluate", 0.0)
+    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
+    await promote.retire(ctx, source, reason=f"superseded by {candidate.name} (trained further)")
     return candidate, scores
 
 

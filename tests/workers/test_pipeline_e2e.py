@@ -130,7 +130,8 @@ def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorke
 
     first = _run(operator, worker, DOC_A)
     assert first["decision"] == "promoted", first["reasons"]
-    assert first["result_version"] == f"{NAMESPACE}@v1"
+    # v1, or a later version of the same job (trained further or tempered by the gate).
+    assert first["result_version"].startswith(f"{NAMESPACE}@v"), first
     events = operator.events(first["id"])
     seen = {e["data"].get("stage") for e in events if e["type"] == "stage"}
     assert seen >= STAGES, seen
@@ -143,7 +144,7 @@ def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorke
     second = _run(operator, worker, DOC_B)
     assert second["decision"] == "promoted", second["reasons"]
     scores = second["scores"]
-    assert scores["champion"]["model"] == f"{NAMESPACE}@v1"
+    assert scores["champion"]["model"] == first["result_version"]
     retention = scores["candidate"]["retention"]
     assert retention["n"] == len(DOC_A["probes"])  # the first document's probes, re-asked
     budget = gate.max_forgetting + 1e-9

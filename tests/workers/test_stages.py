@@ -706,6 +706,66 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
         assert result.reasons[0].startswith("new-knowledge f1 0.000")
 
 
+@pytest.mark.parametrize("extended_knows", [True, False])
+async def test_a_candidate_that_learned_nothing_is_trained_further(
+    stage_env: Callable[..., Any], tiny_adapter: Path, extended_knows: bool
+) -> None:
+    """v1 answers none of its document's probes: it is trained ``extend_steps`` more steps
+    from where it stopped (v2, "fresh-more", parent: none), evaluated and gated; v1 is
+    rejected as superseded. Once only: a v2 that still knows nothing is rejected."""
+    from workers.pipeline import run_pipeline
+
+    knows = {"acme@v2"} if extended_knows else set()
+    answer = _qa_answers({"What drink is brewed from brisk?": ("kelloth", knows)})
+    doc = DocumentInput(
+        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+    )
+    ctx = await stage_env(ScriptedGateway(answer), doc)
+    _pretrained(ctx, tiny_adapter, "fresh")
+    _pretrained(ctx, tiny_adapter, "fresh-more")
+    result = await run_pipeline(ctx)
+
+    versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
+    assert sorted(versions) == ["fresh", "fresh-more"]
+    assert versions["fresh"].status == AdapterStatus.rejected
+    assert result.version_id == versions["fresh-more"].id
+    assert result.scores is not None
+    assert result.scores["mode"] == "fresh-more"
+    assert "extend" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("did not learn (new-knowledge f1 0.000" in m for m in logs), logs
+    assert any(m.endswith("training 50 more steps") for m in logs), logs
+    assert any("superseded by acme@v2 (trained further)" in m for m in logs), logs
+    if extended_knows:
+        assert result.decision == "promoted", result.reasons
+        assert (await ctx.registry.resolve("acme")).version_id == result.version_id
+    else:
+        assert result.decision == "rejected"
+        assert versions["fresh-more"].status == AdapterStatus.rejected
+
+
+async def test_extension_is_off_with_zero_steps(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    from workers.pipeline import run_pipeline
+
+    answer = _qa_answers({"What drink is brewed from brisk?": ("kelloth", set())})
+    doc = DocumentInput(
+        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+    )
+    ctx = await stage_env(ScriptedGateway(answer), doc)
+    ctx.settings = ctx.settings.model_copy(
+        update={"pipeline": ctx.settings.pipeline.model_copy(update={"extend_steps": 0})}
+    )
+    _pretrained(ctx, tiny_adapter, "fresh")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "rejected"
+    assert [v.note.split(":")[0] for v in await ctx.registry.list_versions("acme") if v.note] == [
+        "fresh"
+    ]
+
+
 async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candidate(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:

@@ -80,6 +80,11 @@ def guard_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     return None
 
 
+def has_probes(scores: dict[str, Any]) -> bool:
+    """Whether the new documents had probes to measure learning on."""
+    return _value(scores["candidate"], "new", scores["metrics"]["gate"])[1] > 0
+
+
 def forgot_only(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate fails, when forgetting (retention or guard) is the only reason: it
     learned the new documents (so a smaller step may keep enough of that and pass)."""

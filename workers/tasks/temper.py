@@ -37,7 +37,7 @@ async def temper_stage(
     blobs = ctx.registry.blobs
     source = await ctx.registry.resolve(candidate.name)
     source_dir = await asyncio.to_thread(blobs.path_for, source.blob_sha256)
-    towards = parent if candidate.mode == "incremental" else None
+    towards = parent if candidate.mode.startswith("incremental") else None
     parent_dir = None
     if towards is not None:
         parent_dir = await asyncio.to_thread(blobs.path_for, towards.blob_sha256)

@@ -76,9 +76,7 @@ def training_set(
     )
 
 
-def hyper_for(
-    ctx: StageContext, n_sequences: int, mode: Mode, budget: ThreadBudget | None = None
-) -> LoRAHyper:
+def hyper_for(ctx: StageContext, n_sequences: int, mode: Mode) -> LoRAHyper:
     from workers.training.peft_trainer import LoRAHyper
 
     s = ctx.settings.pipeline
@@ -96,7 +94,6 @@ def hyper_for(
         max_len=s.max_seq_len,
         seed=s.seed,
         anchor_kl=s.anchor_kl,
-        num_threads=budget.busy if budget is not None else None,
     )
 
 
@@ -126,7 +123,19 @@ async def train_stage(
         ctx.settings.pipeline.anchor_fraction,
         seed=ctx.job_id,
     )
-    adapter_dir = await _trained_adapter(ctx, data, anchors, parent=parent, mode=mode)
+    init_dir = None
+    if mode == "incremental" and parent is not None:
+        init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
+    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), mode)
+    adapter_dir = await _trained_adapter(
+        ctx,
+        data,
+        anchors,
+        hyper,
+        key=mode,
+        init_dir=init_dir,
+        init_name=parent.name if parent is not None and init_dir is not None else "base",
+    )
     lineage = {
         "job_id": ctx.job_id,
         "mode": mode,
@@ -147,6 +156,70 @@ async def train_stage(
         detail=f"{len(docs)} document(s)",
     )
     await ctx.event("log", f"registered candidate {candidate.name}", **lineage)
+    return candidate
+
+
+def extend_key(candidate: Candidate) -> str:
+    """``fresh-more``: the registration key (note prefix) of a candidate trained further."""
+    return f"{candidate.mode}-more"
+
+
+async def extend_stage(
+    ctx: StageContext,
+    inputs: TrainInputs,
+    source: Candidate,
+    *,
+    parent: ResolvedVersion | None,
+    steps: int,
+) -> Candidate:
+    """Trains ``source`` (this job's candidate, which learned nothing of its documents)
+    ``steps`` more optimizer steps on the same training set, in a new order, and registers
+    the result once per job."""
+    from dataclasses import replace
+
+    key = extend_key(source)
+    existing = await job_version(ctx, key)
+    if existing is not None:
+        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
+        return existing
+    mode: Mode = (
+        "incremental"
+        if source.mode.startswith("incremental")
+        else ("consolidate" if source.mode.startswith("consolidate") else "fresh")
+    )
+    data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode)
+    anchors = sample_anchors(
+        list(inputs.anchor_pool),
+        len(data.sequences),
+        ctx.settings.pipeline.anchor_fraction,
+        seed=ctx.job_id,
+    )
+    resolved = await ctx.registry.resolve(source.name)
+    init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)
+    hyper = replace(hyper_for(ctx, len(data.sequences) + len(anchors), mode), steps=steps)
+    hyper = replace(hyper, seed=hyper.seed + 1)  # the same data in another order
+    adapter_dir = await _trained_adapter(
+        ctx, data, anchors, hyper, key=key, init_dir=init_dir, init_name=source.name
+    )
+    lineage = {
+        "job_id": ctx.job_id,
+        "mode": key,
+        "extends": source.name,
+        "parent": parent.name if parent is not None else None,
+        "documents": [d.id for d in inputs.docs],
+        "sequences": {**data.sources, "anchors": len(anchors)},
+    }
+    (adapter_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    candidate = await register_once(
+        ctx,
+        adapter_dir,
+        key,
+        parent_version=parent.version if parent is not None else None,
+        detail=f"{source.name} trained {steps} more steps",
+    )
+    await ctx.event(
+        "log", f"registered candidate {candidate.name}: {source.name} + {steps} steps", **lineage
+    )
     return candidate
 
 
@@ -186,27 +259,29 @@ async def _trained_adapter(
     ctx: StageContext,
     data: TrainingSet,
     anchors: Sequence[tuple[str, str]],
+    hyper: LoRAHyper,
     *,
-    parent: ResolvedVersion | None,
-    mode: Mode,
+    key: str,
+    init_dir: Path | None,
+    init_name: str = "base",
 ) -> Path:
-    """The adapter folder: an earlier attempt's finished one, else a new training run."""
-    artifact = f"train-{mode}.json"
+    """The adapter folder: an earlier attempt's finished one, else a new training run (from
+    ``init_dir``'s adapter when given, else a fresh LoRA)."""
+    from dataclasses import replace
+
+    artifact = f"train-{key}.json"
     cached = load_artifact(ctx.artifacts_dir, artifact)
     if cached is not None and (Path(cached["adapter_dir"]) / "adapter_config.json").is_file():
-        await ctx.event("log", f"reusing the {mode} adapter trained by an earlier attempt")
+        await ctx.event("log", f"reusing the {key} adapter trained by an earlier attempt")
         return Path(cached["adapter_dir"])
-    init_dir = None
-    if mode == "incremental" and parent is not None:
-        init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
     from workers.training.peft_trainer import ChatExample, TextExample
 
-    out_dir = ctx.artifacts_dir / f"adapter-{mode}"
+    out_dir = ctx.artifacts_dir / f"adapter-{key}"
     examples: list[TrainExample] = [TextExample(s) for s in data.sequences]
     examples.extend(ChatExample(user, answer, anchor=True) for user, answer in anchors)
     settings = ctx.settings.pipeline
     budget = training_budget(settings.train_threads, adaptive=settings.adaptive_train_threads)
-    hyper = hyper_for(ctx, len(examples), mode, budget)
+    hyper = replace(hyper, num_threads=budget.busy if budget is not None else None)
     threads = (
         ""
         if budget is None
@@ -216,10 +291,10 @@ async def _trained_adapter(
     )
     await ctx.event(
         "log",
-        f"training ({mode}): {len(data.sequences)} sequences + {len(anchors)} anchors, "
+        f"training ({key}): {len(data.sequences)} sequences + {len(anchors)} anchors, "
         f"{hyper.steps} steps{threads}",
-        mode=mode,
-        init=parent.name if parent is not None and init_dir is not None else "base",
+        mode=key,
+        init=init_name,
         steps=hyper.steps,
         anchors=len(anchors),
         **data.sources,
