@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,16 +255,12 @@ async def _extend(
     reference: dict[str, Any],
     steps: int,
 ) -> tuple[train.Candidate, dict[str, Any]]:
-    """One more training run from the candidate that learned nothing; the gate judges the
+    """One more training run from the candidate that did not learn; the gate judges the
     result (its new-knowledge score is measured on the same held-out probes, which neither
-    run trained on). Returns the extended candidate; the first is rejected as superseded."""
+    run trained on)."""
     source, _ = current
-    await ctx.progress("train", 0.0)
-    candidate = await train.extend_stage(ctx, inputs, source, parent=champion, steps=steps)
-    await ctx.progress("evaluate", 0.0)
-    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
-    await promote.retire(ctx, source, reason=f"superseded by {candidate.name} (trained further)")
-    return candidate, scores
+    trained = train.extend_stage(ctx, inputs, source, parent=champion, steps=steps)
+    return await _replace(ctx, source, trained, sets, reference, why="trained further")
 
 
 async def _consolidate(
@@ -276,9 +272,23 @@ async def _consolidate(
     reference: dict[str, Any],
 ) -> tuple[train.Candidate, dict[str, Any]]:
     """Retrains from the base on every learned document + this job's, and evaluates that."""
+    trained = train.train_stage(ctx, inputs, parent=champion, mode="consolidate")
+    return await _replace(ctx, superseded, trained, sets, reference, why="consolidated")
+
+
+async def _replace(
+    ctx: StageContext,
+    superseded: train.Candidate,
+    trained: Coroutine[Any, Any, train.Candidate],
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+    *,
+    why: str,
+) -> tuple[train.Candidate, dict[str, Any]]:
+    """Trains a new candidate (``trained``), evaluates it, retires the one it replaces."""
     await ctx.progress("train", 0.0)
-    candidate = await train.train_stage(ctx, inputs, parent=champion, mode="consolidate")
+    candidate = await trained
     await ctx.progress("evaluate", 0.0)
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
-    await promote.retire(ctx, superseded, reason=f"superseded by {candidate.name} (consolidated)")
+    await promote.retire(ctx, superseded, reason=f"superseded by {candidate.name} ({why})")
     return candidate, scores

@@ -111,18 +111,11 @@ async def train_stage(
     ctx: StageContext, inputs: TrainInputs, *, parent: ResolvedVersion | None, mode: Mode
 ) -> Candidate:
     """Trains (or reuses) this job's adapter for ``mode`` and registers it once."""
-    existing = await job_version(ctx, mode)
+    existing = await _registered(ctx, mode)
     if existing is not None:
-        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
     docs, edits, history = inputs.docs, inputs.edits, inputs.learned
-    data = training_set(ctx, docs, edits, history, mode)
-    anchors = sample_anchors(
-        list(inputs.anchor_pool),
-        len(data.sequences),
-        ctx.settings.pipeline.anchor_fraction,
-        seed=ctx.job_id,
-    )
+    data, anchors = _job_data(ctx, inputs, mode)
     init_dir = None
     if mode == "incremental" and parent is not None:
         init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
@@ -145,18 +138,9 @@ async def train_stage(
         "self_edits": [e.id for e in edits if e.kept and e.id is not None],
         "sequences": {**data.sources, "anchors": len(anchors)},
     }
-    (adapter_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    candidate = await register_once(
-        ctx,
-        adapter_dir,
-        mode,
-        # A consolidated version is trained from the base, but it replaces the champion: its
-        # lineage names it, and a retry of this job finds its way back through it.
-        parent_version=parent.version if parent is not None else None,
-        detail=f"{len(docs)} document(s)",
-    )
-    await ctx.event("log", f"registered candidate {candidate.name}", **lineage)
-    return candidate
+    # A consolidated version is trained from the base, but it replaces the champion: its
+    # lineage names it, and a retry of this job finds its way back through it.
+    return await _register(ctx, adapter_dir, lineage, parent, detail=f"{len(docs)} document(s)")
 
 
 def extend_key(candidate: Candidate) -> str:
@@ -172,32 +156,22 @@ async def extend_stage(
     parent: ResolvedVersion | None,
     steps: int,
 ) -> Candidate:
-    """Trains ``source`` (this job's candidate, which learned nothing of its documents)
-    ``steps`` more optimizer steps on the same training set, in a new order, and registers
-    the result once per job."""
+    """Trains ``source`` (this job's candidate, which did not learn its documents) ``steps``
+    more optimizer steps on the same training set in a new order; registers it once per job."""
     from dataclasses import replace
 
     key = extend_key(source)
-    existing = await job_version(ctx, key)
+    existing = await _registered(ctx, key)
     if existing is not None:
-        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
-    mode: Mode = (
-        "incremental"
-        if source.mode.startswith("incremental")
-        else ("consolidate" if source.mode.startswith("consolidate") else "fresh")
+    mode: Mode = next(
+        (m for m in ("incremental", "consolidate") if source.mode.startswith(m)), "fresh"
     )
-    data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode)
-    anchors = sample_anchors(
-        list(inputs.anchor_pool),
-        len(data.sequences),
-        ctx.settings.pipeline.anchor_fraction,
-        seed=ctx.job_id,
-    )
+    data, anchors = _job_data(ctx, inputs, mode)
     resolved = await ctx.registry.resolve(source.name)
     init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)
-    hyper = replace(hyper_for(ctx, len(data.sequences) + len(anchors), mode), steps=steps)
-    hyper = replace(hyper, seed=hyper.seed + 1)  # the same data in another order
+    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), mode)
+    hyper = replace(hyper, steps=steps, seed=hyper.seed + 1)  # the same data in another order
     adapter_dir = await _trained_adapter(
         ctx, data, anchors, hyper, key=key, init_dir=init_dir, init_name=source.name
     )
@@ -209,17 +183,50 @@ async def extend_stage(
         "documents": [d.id for d in inputs.docs],
         "sequences": {**data.sources, "anchors": len(anchors)},
     }
+    detail = f"{source.name} trained {steps} more steps"
+    return await _register(ctx, adapter_dir, lineage, parent, detail=detail)
+
+
+async def _registered(ctx: StageContext, key: str) -> Candidate | None:
+    """The version an earlier attempt of this job registered under ``key``, if any."""
+    existing = await job_version(ctx, key)
+    if existing is not None:
+        await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
+    return existing
+
+
+def _job_data(
+    ctx: StageContext, inputs: TrainInputs, mode: Mode
+) -> tuple[TrainingSet, list[tuple[str, str]]]:
+    """The job's training sequences for ``mode`` and its anchors (both seeded by the job)."""
+    data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode)
+    anchors = sample_anchors(
+        list(inputs.anchor_pool),
+        len(data.sequences),
+        ctx.settings.pipeline.anchor_fraction,
+        seed=ctx.job_id,
+    )
+    return data, anchors
+
+
+async def _register(
+    ctx: StageContext,
+    adapter_dir: Path,
+    lineage: dict[str, Any],
+    parent: ResolvedVersion | None,
+    *,
+    detail: str,
+) -> Candidate:
+    """Writes the lineage manifest and registers the adapter once under ``lineage["mode"]``."""
     (adapter_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
     candidate = await register_once(
         ctx,
         adapter_dir,
-        key,
+        lineage["mode"],
         parent_version=parent.version if parent is not None else None,
-        detail=f"{source.name} trained {steps} more steps",
+        detail=detail,
     )
-    await ctx.event(
-        "log", f"registered candidate {candidate.name}: {source.name} + {steps} steps", **lineage
-    )
+    await ctx.event("log", f"registered candidate {candidate.name} ({detail})", **lineage)
     return candidate
 
 
