@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters_store.blobs import BlobStore
-from adapters_store.models import AdapterStatus, NamespaceSettings
+from adapters_store.models import AdapterStatus, AdapterVersion, NamespaceSettings
 from adapters_store.registry import AdapterRegistry
 from app.db.jobs import AdaptationJob, Document, DocumentState, SelfEdit
 from app.services.ingest import DocumentInput, IngestService
@@ -685,7 +685,7 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
     _pretrained(ctx, tiny_adapter, "fresh")
     result = await run_pipeline(ctx)
 
-    versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
+    versions = await _versions_by_key(ctx)
     assert sorted(versions) == ["fresh", "fresh-x0.6"]
     assert versions["fresh"].status == AdapterStatus.rejected
     assert result.version_id == versions["fresh-x0.6"].id
@@ -725,7 +725,7 @@ async def test_a_candidate_that_learned_nothing_is_trained_further(
     _pretrained(ctx, tiny_adapter, "fresh-more")
     result = await run_pipeline(ctx)
 
-    versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
+    versions = await _versions_by_key(ctx)
     assert sorted(versions) == ["fresh", "fresh-more"]
     assert versions["fresh"].status == AdapterStatus.rejected
     assert result.version_id == versions["fresh-more"].id
@@ -931,6 +931,11 @@ def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
     earlier = ctx.artifacts_dir.parent / "attempt-0"
     shutil.copytree(adapter, earlier / f"adapter-{mode}")
     save_artifact(earlier, f"train-{mode}.json", {"adapter_dir": earlier / f"adapter-{mode}"})
+
+
+async def _versions_by_key(ctx: StageCtx) -> dict[str, AdapterVersion]:
+    """The namespace's versions by registration key ("fresh", "fresh-x0.6", ...)."""
+    return {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
 
 
 def _qa_answers(
