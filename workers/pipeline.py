@@ -166,8 +166,11 @@ async def _stages(
         clock.start("extend")
         short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
         await ctx.event("log", f"{short}; training {more} more steps")
-        candidate, scores = await _extend(
-            ctx, inputs, (candidate, scores), champion, sets, reference, more
+        # The gate then judges the result on the same held-out probes (neither run trained
+        # on them): a job gets two tries at its gain, as tempering gets several scales.
+        trained = train.extend_stage(ctx, inputs, candidate, mode=mode, parent=champion, steps=more)
+        candidate, scores = await _replace(
+            ctx, candidate, trained, sets, reference, why="trained further"
         )
     consolidate = ctx.settings.pipeline.consolidate
     first, first_scores = candidate, scores
@@ -244,23 +247,6 @@ async def _temper(
         if promote.forgot_only(scores, gate) is None:  # passes, or no longer learned
             break
     return candidate, scores
-
-
-async def _extend(
-    ctx: StageContext,
-    inputs: train.TrainInputs,
-    current: tuple[train.Candidate, dict[str, Any]],
-    champion: ResolvedVersion | None,
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-    steps: int,
-) -> tuple[train.Candidate, dict[str, Any]]:
-    """One more training run from the candidate that did not learn; the gate judges the
-    result (its new-knowledge score is measured on the same held-out probes, which neither
-    run trained on)."""
-    source, _ = current
-    trained = train.extend_stage(ctx, inputs, source, parent=champion, steps=steps)
-    return await _replace(ctx, source, trained, sets, reference, why="trained further")
 
 
 async def _consolidate(

@@ -43,6 +43,10 @@ TEXT = (
     "The islanders grow a purple grain called brisk, which is used to brew a drink named kelloth."
 )
 DOC = Doc("doc_1", TITLE, TEXT)
+BREW_DOC = DocumentInput(
+    text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
+)
+"""The document of the scripted pipeline runs, with one probe."""
 PROMPT = synthesize.render_prompt(synthesize.DEFAULT_PROMPTS["rewrite"], DOC)
 
 
@@ -640,9 +644,7 @@ async def test_run_pipeline_promotes_a_candidate_that_learned(
             return "It is kelloth." if model == "acme@v1" else "I do not know."
         return _scripted(model, prompt)
 
-    doc = DocumentInput(
-        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
-    )
+    doc = BREW_DOC
     ctx = await stage_env(ScriptedGateway(answer), doc, attempt=2)
     # Attempt 1 trained the adapter before its worker died; attempt 2 reuses it.
     earlier = ctx.artifacts_dir.parent / "attempt-1"
@@ -678,19 +680,12 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
     answer = _qa_answers(
         {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard="acme@v1"
     )
-    doc = DocumentInput(
-        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
-    )
+    doc = BREW_DOC
     ctx = await stage_env(ScriptedGateway(answer), doc)
     _pretrained(ctx, tiny_adapter, "fresh")
     result = await run_pipeline(ctx)
 
-    versions = await _versions_by_key(ctx)
-    assert sorted(versions) == ["fresh", "fresh-x0.6"]
-    assert versions["fresh"].status == AdapterStatus.rejected
-    assert result.version_id == versions["fresh-x0.6"].id
-    assert result.scores is not None
-    assert result.scores["mode"] == "fresh-x0.6"
+    versions = await _replaced(ctx, result, "fresh", by="fresh-x0.6")
     assert "temper" in result.timings
     assert any("tempering" in m for kind, m, _ in ctx.events if kind == "log")
     weights = load_file(str(ctx.registry.blobs.path_for(versions["fresh-x0.6"].blob_sha256)
@@ -717,20 +712,13 @@ async def test_a_candidate_that_learned_nothing_is_trained_further(
 
     knows = {"acme@v2"} if extended_knows else set()
     answer = _qa_answers({"What drink is brewed from brisk?": ("kelloth", knows)})
-    doc = DocumentInput(
-        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
-    )
+    doc = BREW_DOC
     ctx = await stage_env(ScriptedGateway(answer), doc)
     _pretrained(ctx, tiny_adapter, "fresh")
     _pretrained(ctx, tiny_adapter, "fresh-more")
     result = await run_pipeline(ctx)
 
-    versions = await _versions_by_key(ctx)
-    assert sorted(versions) == ["fresh", "fresh-more"]
-    assert versions["fresh"].status == AdapterStatus.rejected
-    assert result.version_id == versions["fresh-more"].id
-    assert result.scores is not None
-    assert result.scores["mode"] == "fresh-more"
+    versions = await _replaced(ctx, result, "fresh", by="fresh-more")
     assert "extend" in result.timings
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
     assert any("did not learn (new-knowledge f1 0.000" in m for m in logs), logs
@@ -750,9 +738,7 @@ async def test_extension_is_off_with_zero_steps(
     from workers.pipeline import run_pipeline
 
     answer = _qa_answers({"What drink is brewed from brisk?": ("kelloth", set())})
-    doc = DocumentInput(
-        text=TEXT, param="d0", title=TITLE, probes=[("What drink is brewed from brisk?", "kelloth")]
-    )
+    doc = BREW_DOC
     ctx = await stage_env(ScriptedGateway(answer), doc)
     ctx.settings = ctx.settings.model_copy(
         update={"pipeline": ctx.settings.pipeline.model_copy(update={"extend_steps": 0})}
@@ -936,6 +922,20 @@ def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
 async def _versions_by_key(ctx: StageCtx) -> dict[str, AdapterVersion]:
     """The namespace's versions by registration key ("fresh", "fresh-x0.6", ...)."""
     return {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
+
+
+async def _replaced(
+    ctx: StageCtx, result: Any, first: str, *, by: str
+) -> dict[str, AdapterVersion]:
+    """Checks that the job registered exactly ``first`` and ``by``, retired ``first`` and
+    gated ``by``; returns the versions by key."""
+    versions = await _versions_by_key(ctx)
+    assert sorted(versions) == sorted([first, by])
+    assert versions[first].status == AdapterStatus.rejected
+    assert result.version_id == versions[by].id
+    assert result.scores is not None
+    assert result.scores["mode"] == by
+    return versions
 
 
 def _qa_answers(

@@ -153,20 +153,19 @@ async def extend_stage(
     inputs: TrainInputs,
     source: Candidate,
     *,
+    mode: Mode,
     parent: ResolvedVersion | None,
     steps: int,
 ) -> Candidate:
-    """Trains ``source`` (this job's candidate, which did not learn its documents) ``steps``
-    more optimizer steps on the same training set in a new order; registers it once per job."""
+    """Trains ``source`` (this job's ``mode`` candidate, which did not learn its documents)
+    ``steps`` more optimizer steps on the same training set in a new order; registers it once
+    per job."""
     from dataclasses import replace
 
     key = extend_key(source)
     existing = await _registered(ctx, key)
     if existing is not None:
         return existing
-    mode: Mode = next(
-        (m for m in ("incremental", "consolidate") if source.mode.startswith(m)), "fresh"
-    )
     data, anchors = _job_data(ctx, inputs, mode)
     resolved = await ctx.registry.resolve(source.name)
     init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)
