@@ -161,11 +161,13 @@ class PipelineSettings(BaseModel):
         ),
     )
 
-    temper_scales: list[float] = Field(
-        default_factory=lambda: [0.6, 0.35],
+    temper_tries: int = Field(
+        3,
+        ge=0,
         description=(
             "when a candidate learned its documents but broke the forgetting budget (guard or "
-            "retention), try its update scaled by these factors in turn (empty: off)"
+            "retention), bisect the scale of its update in (0, 1) for one that passes: at most "
+            "this many scaled copies, first x0.5 (0: off)"
         ),
     )
     extend_steps: int = Field(
@@ -179,13 +181,6 @@ class PipelineSettings(BaseModel):
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0
-
-    @field_validator("temper_scales")
-    @classmethod
-    def _scales_in_unit_interval(cls, scales: list[float]) -> list[float]:
-        if any(not 0.0 < s < 1.0 for s in scales):
-            raise ValueError(f"temper_scales must lie strictly between 0 and 1, got {scales}")
-        return scales
 
     # --- evaluation (learning) ---
     eval_max_tokens: int = Field(64, ge=1)

@@ -178,13 +178,13 @@ async def _stages(
         clock.start("consolidate")
         await ctx.event("log", f"retention budget broken ({broken}); consolidating")
         candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
-    scales = ctx.settings.pipeline.temper_scales
-    if scales and (why := promote.forgot_only(scores, gate)):
+    tries = ctx.settings.pipeline.temper_tries
+    if tries and (why := promote.forgot_only(scores, gate)):
         clock.start("temper")
         await ctx.event("log", f"{candidate.name} learned but forgot too much ({why}); tempering")
         source = _temper_source(gate, (first, first_scores), (candidate, scores))
         candidate, scores = await _temper(
-            ctx, source, (candidate, scores), champion, sets, reference, gate, scales
+            ctx, source, (candidate, scores), champion, sets, reference, gate, tries
         )
 
     clock.start("gate")
@@ -227,14 +227,19 @@ async def _temper(
     sets: dict[str, list[evaluate.EvalItem]],
     reference: dict[str, Any],
     gate: NamespaceSettings,
-    scales: Sequence[float],
+    tries: int,
 ) -> tuple[train.Candidate, dict[str, Any]]:
-    """Tries ``source`` with its update scaled by each of ``scales`` in turn; stops at the
-    first that passes the gate, or once one no longer learned the new documents. Returns the
-    last one tried with its scores (``current`` when none could be made); the ones before it
-    are rejected as superseded."""
+    """Bisects the scale of ``source``'s update in (0, 1) (x1 learned but forgot too much,
+    x0 is where it started from, which did not learn): a copy that still forgets too much
+    moves the upper end down, one that no longer learned the new documents moves the lower
+    end up. Stops at the first copy that passes the gate, after ``tries`` copies, or at one
+    that both lost what it learned and forgot (no scale can mend that). Returns the last copy
+    with its scores (``current`` when none could be made); the ones before it are rejected
+    as superseded."""
     candidate, scores = current
-    for scale in scales:
+    search = temper.Bisection()
+    for _ in range(tries):
+        scale = search.next_scale()
         await ctx.progress("evaluate", 0.0)
         try:
             tempered = await temper.temper_stage(ctx, source, scale, parent=champion)
@@ -244,8 +249,15 @@ async def _temper(
         scores = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
         await promote.retire(ctx, candidate, reason=f"superseded by {tempered.name} (tempered)")
         candidate = tempered
-        if promote.forgot_only(scores, gate) is None:  # passes, or no longer learned
+        verdict = promote.decide(scores, gate)
+        if verdict.passed:
             break
+        if verdict.learned:
+            search.forgot(scale)
+        elif promote.retention_broken(scores, gate) or promote.guard_broken(scores, gate):
+            break
+        else:
+            search.lost(scale)
     return candidate, scores
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -665,40 +665,65 @@ async def test_run_pipeline_promotes_a_candidate_that_learned(
     assert stages[-1] == "gate"
 
 
-@pytest.mark.parametrize("tempered_knows", [True, False])
+@pytest.mark.parametrize(
+    ("knows", "forgets", "tried", "promoted"),
+    [
+        # x0.5 keeps the fact and the guard.
+        ({"acme@v1", "acme@v2"}, {"acme@v1"}, ["0.5"], True),
+        # x0.5 lost the fact: up to x0.75, which keeps both.
+        ({"acme@v1", "acme@v3"}, {"acme@v1"}, ["0.5", "0.75"], True),
+        # x0.5 still forgets: down to x0.25.
+        ({"acme@v1", "acme@v2", "acme@v3"}, {"acme@v1", "acme@v2"}, ["0.5", "0.25"], True),
+        # No copy keeps the fact: temper_tries (3) copies, then rejected.
+        ({"acme@v1"}, {"acme@v1"}, ["0.5", "0.75", "0.875"], False),
+        # x0.5 lost the fact and still forgets: no scale mends that, one copy.
+        ({"acme@v1"}, {"acme@v1", "acme@v2"}, ["0.5"], False),
+    ],
+)
 async def test_a_candidate_that_forgot_too_much_is_tempered(
-    stage_env: Callable[..., Any], tiny_adapter: Path, tempered_knows: bool
+    stage_env: Callable[..., Any],
+    tiny_adapter: Path,
+    knows: set[str],
+    forgets: set[str],
+    tried: list[str],
+    promoted: bool,
 ) -> None:
-    """v1 learned the document but lost a third of the guard set; its update x0.6 (v2) keeps
-    the guard. Promoted when v2 still knows the fact; otherwise rejected without trying x0.35."""
+    """v1 learned the document but lost a third of the guard set: the job bisects the scale
+    of its update (x0.5 first), registering one copy per scale tried (v2, v3, ...)."""
     import torch
     from safetensors.torch import load_file
 
     from workers.pipeline import run_pipeline
 
-    knows = {"acme@v1", "acme@v2"} if tempered_knows else {"acme@v1"}
     answer = _qa_answers(
-        {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard="acme@v1"
+        {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard=forgets
     )
     doc = BREW_DOC
     ctx = await stage_env(ScriptedGateway(answer), doc)
     _pretrained(ctx, tiny_adapter, "fresh")
     result = await run_pipeline(ctx)
 
-    versions = await _replaced(ctx, result, "fresh", by="fresh-x0.6")
+    keys = ["fresh", *(f"fresh-x{scale}" for scale in tried)]
+    versions = await _versions_by_key(ctx)
+    assert sorted(versions) == sorted(keys)
+    assert [versions[k].version for k in keys] == list(range(1, len(keys) + 1))
+    assert all(versions[k].status == AdapterStatus.rejected for k in keys[:-1])
+    assert result.version_id == versions[keys[-1]].id
+    assert result.scores is not None
+    assert result.scores["mode"] == keys[-1]
     assert "temper" in result.timings
     assert any("tempering" in m for kind, m, _ in ctx.events if kind == "log")
-    weights = load_file(str(ctx.registry.blobs.path_for(versions["fresh-x0.6"].blob_sha256)
+    weights = load_file(str(ctx.registry.blobs.path_for(versions["fresh-x0.5"].blob_sha256)
                             / "adapter_model.safetensors"))  # fmt: skip
     original = load_file(str(tiny_adapter / "adapter_model.safetensors"))
     key = next(k for k in original if ".lora_B." in k)
-    torch.testing.assert_close(weights[key], 0.6 * original[key])
-    if tempered_knows:
+    torch.testing.assert_close(weights[key], 0.5 * original[key])
+    if promoted:
         assert result.decision == "promoted", result.reasons
         assert (await ctx.registry.resolve("acme")).version_id == result.version_id
     else:
         assert result.decision == "rejected"
-        assert result.reasons[0].startswith("new-knowledge f1 0.000")
+        assert versions[keys[-1]].status == AdapterStatus.rejected
 
 
 @pytest.mark.parametrize("extended_knows", [True, False])
@@ -756,7 +781,7 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
     """v2 (incremental from v1) and v3 (consolidated) both learned doc1 and lost doc0; the
-    incremental update x0.6 towards v1 (v4) knows both and is promoted, its parent v1."""
+    incremental update x0.5 towards v1 (v4) knows both and is promoted, its parent v1."""
     from workers.pipeline import run_pipeline
 
     await _learned_first_document(stage_env, tiny_adapter)
@@ -778,15 +803,15 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     assert result.decision == "promoted", result.reasons
     versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
     modes = {(v.note or "").split(":")[0]: v for v in versions}
-    assert sorted(modes) == ["consolidate", "incremental", "incremental-x0.6"]
+    assert sorted(modes) == ["consolidate", "incremental", "incremental-x0.5"]
     assert modes["incremental"].status == AdapterStatus.rejected
     assert modes["consolidate"].status == AdapterStatus.rejected
-    tempered = modes["incremental-x0.6"]
+    tempered = modes["incremental-x0.5"]
     assert (tempered.id, tempered.version) == (result.version_id, 4)
     assert tempered.parent_version_id == (await ctx.registry.resolve("acme@v1")).version_id
     assert (await ctx.registry.resolve("acme")).version_id == result.version_id
     manifest = ctx.registry.blobs.path_for(tempered.blob_sha256) / "manifest.json"
-    assert json.loads(manifest.read_text())["tempered"] == {"scale": 0.6, "towards": "parent"}
+    assert json.loads(manifest.read_text())["tempered"] == {"scale": 0.5, "towards": "parent"}
 
 
 async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scores(
@@ -805,7 +830,7 @@ async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scor
             "What is brewed?": ("kelloth", {"base", "acme@v1", "acme@v2"}),
             "What is Vorn?": ("a moon", {"acme@v2"}),
         },
-        forgets_guard="acme@v2",
+        forgets_guard={"acme@v2"},
     )
     wider = tiny_adapter.parent / "rank8"
     shutil.copytree(tiny_adapter, wider)
@@ -920,7 +945,7 @@ def _pretrained(ctx: StageCtx, adapter: Path, mode: str) -> None:
 
 
 async def _versions_by_key(ctx: StageCtx) -> dict[str, AdapterVersion]:
-    """The namespace's versions by registration key ("fresh", "fresh-x0.6", ...)."""
+    """The namespace's versions by registration key ("fresh", "fresh-x0.5", ...)."""
     return {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")}
 
 
@@ -941,13 +966,13 @@ async def _replaced(
 def _qa_answers(
     knows: dict[str, tuple[str, set[str]]],
     *,
-    forgets_guard: str | None = None,
+    forgets_guard: Collection[str] = (),
     crash_on: str | None = None,
 ) -> Callable[[str, str], str]:
-    """Scripted evaluation answers: every guard question right (``forgets_guard`` gets a
-    third of them wrong), a probe's gold from the models ``knows`` lists for it, "I do not
-    know." otherwise; the first question to ``crash_on`` raises Crash. Other prompts
-    (self-edits, probes) go to ``_scripted``."""
+    """Scripted evaluation answers: every guard question right (the models in
+    ``forgets_guard`` get a third of them wrong), a probe's gold from the models ``knows``
+    lists for it, "I do not know." otherwise; the first question to ``crash_on`` raises
+    Crash. Other prompts (self-edits, probes) go to ``_scripted``."""
     guard = {g.question: " ".join(g.answers) for g in evaluate.load_guard(evaluate.GUARD_FILE)}
     forgotten = set(list(guard)[: len(guard) // 3])
 
@@ -959,7 +984,7 @@ def _qa_answers(
             raise Crash(f"worker killed while evaluating {model}")
         if question in guard:
             return (
-                "I forgot." if model == forgets_guard and question in forgotten else guard[question]
+                "I forgot." if model in forgets_guard and question in forgotten else guard[question]
             )
         gold, models = knows.get(question, ("", set()))
         return gold if model in models else "I do not know."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from workers.tasks.train import Candidate, job_version, register_once
@@ -12,6 +13,24 @@ from workers.tasks.train import Candidate, job_version, register_once
 if TYPE_CHECKING:
     from adapters_store.registry import ResolvedVersion
     from workers.pipeline import StageContext
+
+
+@dataclass
+class Bisection:
+    """Where tempering looks for a scale: between ``low`` (too small: learned nothing) and
+    ``high`` (too large: forgot too much), halving the interval with every copy tried."""
+
+    low: float = 0.0
+    high: float = 1.0
+
+    def next_scale(self) -> float:
+        return (self.low + self.high) / 2
+
+    def forgot(self, scale: float) -> None:
+        self.high = scale
+
+    def lost(self, scale: float) -> None:
+        self.low = scale
 
 
 def temper_key(candidate: Candidate, scale: float) -> str:
