@@ -166,7 +166,7 @@ class PipelineSettings(BaseModel):
         ge=0,
         description=(
             "when a candidate learned its documents but broke the forgetting budget (guard or "
-            "retention), bisect the scale of its update in (0, 1) for one that passes: at most "
+            "retention), bisect the scale of its update in (0, 1) for the largest that passes: "
             "this many scaled copies, first x0.5 (0: off)"
         ),
     )

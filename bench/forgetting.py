@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -100,7 +101,9 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     try:
         kept = await cached(f"edits-{doc.id}.json", edits)
         pairs = [tuple(p) for p in await cached("anchors.json", anchors)]
-        base = await cached("base_guard.json", base_guard)
+        # Keyed by the guard file's content: another --guard must not reuse these answers.
+        guard_key = hashlib.sha256((args.guard or GUARD_FILE).read_bytes()).hexdigest()[:16]
+        base = await cached(f"base_guard-{guard_key}.json", base_guard)
         probes = [EvalItem(doc.title, p.question, (p.answer,)) for p in doc.probes]
         for v in variants:
             seed = int(v.get("seed", 0))

@@ -229,14 +229,15 @@ async def _temper(
     gate: NamespaceSettings,
     tries: int,
 ) -> tuple[train.Candidate, dict[str, Any]]:
-    """Bisects the scale of ``source``'s update in (0, 1) (x1 learned but forgot too much,
-    x0 is where it started from, which did not learn): a copy that still forgets too much
-    moves the upper end down, one that no longer learned the new documents moves the lower
-    end up. Stops at the first copy that passes the gate, after ``tries`` copies, or at one
-    that both lost what it learned and forgot (no scale can mend that). Returns the last copy
-    with its scores (``current`` when none could be made); the ones before it are rejected
-    as superseded."""
+    """Bisects the scale of ``source``'s update in (0, 1) for the largest that passes the gate
+    (x1 learned but forgot too much; the smaller the scale, the less of both is kept): a copy
+    that still forgot too much moves the upper end down; one that passed, or no longer learned
+    the new documents, moves the lower end up. ``tries`` copies at most; stops early at a copy
+    that both lost what it learned and forgot (no scale mends that). Returns the largest copy
+    that passed, else the last one tried, with its scores (``current`` when none could be
+    made); every other copy is rejected."""
     candidate, scores = current
+    passed = False
     search = temper.Bisection()
     for _ in range(tries):
         scale = search.next_scale()
@@ -246,18 +247,23 @@ async def _temper(
         except ValueError as e:  # e.g. a champion of another rank (an admin's import)
             await ctx.event("log", f"cannot temper {source.name}: {e}")
             break
-        scores = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
-        await promote.retire(ctx, candidate, reason=f"superseded by {tempered.name} (tempered)")
-        candidate = tempered
-        verdict = promote.decide(scores, gate)
-        if verdict.passed:
-            break
-        if verdict.learned:
-            search.forgot(scale)
-        elif promote.retention_broken(scores, gate) or promote.guard_broken(scores, gate):
+        tried = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
+        verdict = promote.decide(tried, gate)
+        hopeless = not verdict.learned and (
+            promote.retention_broken(tried, gate) or promote.guard_broken(tried, gate)
+        )
+        if verdict.passed or not passed:
+            why = f"superseded by {tempered.name} (tempered)"
+            await promote.retire(ctx, candidate, reason=why)
+            candidate, scores, passed = tempered, tried, verdict.passed
+        else:
+            await promote.retire(ctx, tempered, reason=f"{candidate.name} passed with less change")
+        if verdict.learned and not verdict.passed:
+            search.too_large(scale)
+        elif hopeless and not passed:
             break
         else:
-            search.lost(scale)
+            search.too_small(scale)
     return candidate, scores
 
 

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Bisection:
-    """Where tempering looks for a scale: between ``low`` (too small: learned nothing) and
-    ``high`` (too large: forgot too much), halving the interval with every copy tried."""
+    """Where tempering looks for a scale: between ``low`` (small enough: learned nothing, or
+    passed, so a larger one may keep more) and ``high`` (too large: forgot too much), halving
+    the interval with every copy tried."""
 
     low: float = 0.0
     high: float = 1.0
@@ -26,10 +27,10 @@ class Bisection:
     def next_scale(self) -> float:
         return (self.low + self.high) / 2
 
-    def forgot(self, scale: float) -> None:
+    def too_large(self, scale: float) -> None:
         self.high = scale
 
-    def lost(self, scale: float) -> None:
+    def too_small(self, scale: float) -> None:
         self.low = scale
 
 
