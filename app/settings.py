@@ -189,6 +189,15 @@ class PipelineSettings(BaseModel):
     guard_path: Path | None = Field(None, description="guard QA JSONL; default: bundled set")
     guard_metric: Literal["f1", "em", "contains"] = "contains"
     gate_metric: Literal["f1", "em", "contains"] = "f1"
+    gate_min_answered: int = Field(
+        1,
+        ge=0,
+        description=(
+            "besides the gate metric's gain, a candidate must answer (its answer contains the "
+            "gold answer) this many more of the new probes than the champion: F1 also rewards "
+            "a wrong answer sharing a word with the gold one (0: the gain alone)"
+        ),
+    )
 
 
 class RestemSettings(BaseModel):

@@ -259,6 +259,24 @@ def test_gate_rejects_without_gain_and_reports_numbers() -> None:
     assert gated.decision == "rejected"
 
 
+def test_gate_needs_more_answered_probes_than_the_champion() -> None:
+    """An F1 gain from partial word overlap ("Mount Quillon" for "Mount Ferrabel") is not
+    learning: with min_answered 1 the candidate must contain one more gold answer."""
+    scores = _scores(0.4, 0.1, (0.3, 0.3), 1.0)
+    scores["metrics"]["min_answered"] = 1
+    scores["candidate"]["new"]["contains"] = 0.25
+    scores["champion"]["new"]["contains"] = 0.25
+    partial = promote.decide(scores, NamespaceSettings())
+    assert partial.decision == "rejected"
+    assert not partial.learned
+    assert "gain +0.300 >= min_gain 0.0, but 1/4 probes answered vs 1/4" in partial.reasons[0]
+    assert promote.forgot_only(scores, NamespaceSettings()) is None  # not learned: no tempering
+    scores["candidate"]["new"]["contains"] = 0.5
+    learned = promote.decide(scores, NamespaceSettings())
+    assert learned.decision == "promoted"
+    assert learned.reasons[0].endswith("; 2/4 probes answered vs 1/4")
+
+
 def test_gate_rejects_forgetting_and_guard_drop() -> None:
     forgot = promote.decide(_scores(0.5, 0.1, (0.5, 0.3), 1.0), NamespaceSettings())
     assert forgot.decision == "rejected"

@@ -174,6 +174,7 @@ async def evaluate_stage(
         "metrics": {
             "gate": ctx.settings.pipeline.gate_metric,
             "guard": ctx.settings.pipeline.guard_metric,
+            "min_answered": ctx.settings.pipeline.gate_min_answered,
         },
         "mode": candidate.mode,
         "candidate": await _score(ctx, candidate.name, sets, SETS, limit),

@@ -40,6 +40,12 @@ def _value(row: dict[str, Any] | None, name: str, metric: str) -> tuple[float, i
     return float(scores.get(metric, 0.0)), int(scores.get("n", 0))
 
 
+def _answered(row: dict[str, Any] | None) -> int:
+    """How many of the new probes ``row``'s answers contain the gold answer of."""
+    share, n = _value(row, "new", "contains")
+    return round(share * n)
+
+
 def _over_budget(before: float, after: float, gate: NamespaceSettings) -> bool:
     """More than ``max_forgetting`` lost between two scores."""
     return before - after > gate.max_forgetting + EPS
@@ -97,7 +103,9 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     """The gate, as a pure function of the scores and the namespace's thresholds.
 
     New knowledge: the candidate's score on the new probes must beat the champion's (the
-    base's for a first version) by more than 0 and by at least ``min_gain``. Retention: at
+    base's for a first version) by more than 0 and by at least ``min_gain``, and it must
+    answer (contain the gold answer of) at least ``metrics.min_answered`` more of them: F1
+    also rewards a wrong answer that shares a word with the gold one. Retention: at
     most ``max_forgetting`` lost on earlier probes relative to the champion. Guard: at most
     ``max_forgetting`` lost relative to the base model (so drift cannot add up over versions).
     """
@@ -110,6 +118,9 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     new_after, n_new = _value(candidate, "new", metric)
     new_before, _ = _value(reference, "new", metric)
     gain = new_after - new_before
+    need = int(scores["metrics"].get("min_answered", 0))
+    answered, answered_before = _answered(candidate), _answered(reference)
+    counts = f"{answered}/{n_new} probes answered vs {answered_before}/{n_new}"
     if n_new == 0:
         ok = False
         reasons.append("no probes: new knowledge cannot be measured")
@@ -119,10 +130,17 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
             f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
             f"gain {gain:+.3f} below min_gain {gate.min_gain} (must be > 0)"
         )
+    elif answered - answered_before < need:
+        ok = False
+        reasons.append(
+            f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
+            f"gain {gain:+.3f} >= min_gain {gate.min_gain}, but {counts}: fewer than "
+            f"min_answered {need} more (an answer must contain the gold answer)"
+        )
     else:
         reasons.append(
             f"new-knowledge {metric} {new_after:.3f} vs {new_before:.3f} ({ref_name}): "
-            f"gain {gain:+.3f} >= min_gain {gate.min_gain}"
+            f"gain {gain:+.3f} >= min_gain {gate.min_gain}; {counts}"
         )
     learned = ok
     broken = retention_broken(scores, gate)
