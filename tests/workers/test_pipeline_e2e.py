@@ -5,6 +5,7 @@ namespace's champion answers questions about made-up facts without the document.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,63 +99,95 @@ def _answered(client: Client, model: str, doc: dict[str, Any]) -> list[bool]:
     ]
 
 
-def _run(client: Client, worker: LiveWorker, doc: dict[str, Any]) -> dict[str, Any]:
-    ingested = client.ingest(NAMESPACE, doc)
-    job = client.wait(ingested["job_id"])
-    assert job["status"] == "succeeded", f"{job}\n{worker.logs()}"
-    return job
+@dataclass
+class Run:
+    """Both documents through the pipeline, and what base and champion answered around them."""
+
+    base_a: list[bool]
+    base_b: list[bool]
+    first: dict[str, Any]
+    first_events: list[dict[str, Any]]
+    learned_a: list[bool]
+    second: dict[str, Any]
+    learned_b: list[bool]
+    still_a: list[bool]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 5 open: passes most runs but not every one. 2026-11-26: 4 of 5 runs passed on "
-    "a bf16 engine; 3 of 4 on an AVX2-only box (float32 engine), the failure a first job whose "
-    "adapter answered none of its 4 probes (the case training further now retries, not yet "
-    "seen live). See the README, 'End to end'",
-)
-def test_pipeline_learns_documents_and_keeps_them(live: tuple[Gateway, LiveWorker]) -> None:
+@pytest.fixture(scope="module")
+def run(live: tuple[Gateway, LiveWorker]) -> Run:
     gateway, worker = live
     operator = Client(gateway.base_url, gateway.keys[Role.operator])
     user = Client(gateway.base_url, gateway.keys[Role.user])
-
     # The registry's default gate: no per-namespace relaxation.
     admin = Client(gateway.base_url, gateway.keys[Role.admin])
     r = admin.http.post("/v1/admin/namespaces", json={"name": NAMESPACE})
     assert r.status_code == 201, r.text
-    gate = NamespaceSettings.model_validate(r.json()["settings"])
-    assert gate == NamespaceSettings()
+    assert NamespaceSettings.model_validate(r.json()["settings"]) == NamespaceSettings()
 
+    def job(doc: dict[str, Any]) -> dict[str, Any]:
+        done = operator.wait(operator.ingest(NAMESPACE, doc)["job_id"])
+        assert done["status"] == "succeeded", f"{done}\n{worker.logs()}"
+        return done
+
+    base_a, base_b = _answered(user, "base", DOC_A), _answered(user, "base", DOC_B)
+    first = job(DOC_A)
+    learned_a = _answered(user, NAMESPACE, DOC_A) if first["decision"] == "promoted" else []
+    second = job(DOC_B)
+    promoted = second["decision"] == "promoted"
+    return Run(
+        base_a,
+        base_b,
+        first,
+        operator.events(first["id"]),
+        learned_a,
+        second,
+        _answered(user, NAMESPACE, DOC_B) if promoted else [],
+        _answered(user, NAMESPACE, DOC_A) if promoted else [],
+    )
+
+
+def test_pipeline_runs_every_stage_and_measures_what_it_gates(run: Run) -> None:
+    """The mechanics, whatever the gate decides: both jobs succeed with a decision and its
+    reasons, every stage reports, and each job is scored on its own document's held-out
+    probes, the second also on the first document's (retention) once there is a champion."""
     # The base model cannot know made-up facts.
-    assert not any(_answered(user, "base", DOC_A))
-    assert not any(_answered(user, "base", DOC_B))
-
-    first = _run(operator, worker, DOC_A)
-    assert first["decision"] == "promoted", first["reasons"]
-    # v1, or a later version of the same job (trained further or tempered by the gate).
-    assert first["result_version"].startswith(f"{NAMESPACE}@v"), first
-    events = operator.events(first["id"])
-    seen = {e["data"].get("stage") for e in events if e["type"] == "stage"}
+    assert not any(run.base_a), run.base_a
+    assert not any(run.base_b), run.base_b
+    seen = {e["data"].get("stage") for e in run.first_events if e["type"] == "stage"}
     assert seen >= STAGES, seen
-    assert any(e["type"] == "loss" for e in events)
-    assert first["scores"]["candidate"]["new"]["n"] == len(DOC_A["probes"])
-    # The champion answers held-out questions (never trained on) without the document.
-    learned_a = _answered(user, NAMESPACE, DOC_A)
-    assert any(learned_a), learned_a
+    assert any(e["type"] == "loss" for e in run.first_events)
+    for job, doc in ((run.first, DOC_A), (run.second, DOC_B)):
+        assert job["decision"] in ("promoted", "rejected"), job
+        assert job["reasons"], job
+        assert job["result_version"].startswith(f"{NAMESPACE}@v"), job
+        assert job["scores"]["candidate"]["new"]["n"] == len(doc["probes"])
+    if run.first["decision"] == "promoted":
+        # v1, or a later version of the same job (trained further or tempered by the gate).
+        assert run.second["scores"]["champion"]["model"] == run.first["result_version"]
+        retention = run.second["scores"]["candidate"]["retention"]
+        assert retention["n"] == len(DOC_A["probes"])  # the first document's probes, re-asked
 
-    second = _run(operator, worker, DOC_B)
-    assert second["decision"] == "promoted", second["reasons"]
-    scores = second["scores"]
-    assert scores["champion"]["model"] == first["result_version"]
-    retention = scores["candidate"]["retention"]
-    assert retention["n"] == len(DOC_A["probes"])  # the first document's probes, re-asked
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 5 open: the learning outcome holds in most runs but not every one; see the "
+    "README, 'End to end'",
+)
+def test_pipeline_learns_documents_and_keeps_them(run: Run) -> None:
+    """The outcome: both documents promoted, the champion answering held-out questions
+    (never trained on) on both without the document, within the forgetting budget."""
+    gate = NamespaceSettings()
+    assert run.first["decision"] == "promoted", run.first["reasons"]
+    assert any(run.learned_a), run.learned_a
+    assert run.second["decision"] == "promoted", run.second["reasons"]
+    scores = run.second["scores"]
     budget = gate.max_forgetting + 1e-9
+    retention = scores["candidate"]["retention"]
     assert retention["f1"] >= scores["champion"]["retention"]["f1"] - budget
     guard_drop = scores["base"]["guard"]["contains"] - scores["candidate"]["guard"]["contains"]
     assert guard_drop <= budget, scores
-    learned_b = _answered(user, NAMESPACE, DOC_B)
-    assert any(learned_b), learned_b
-    still_a = _answered(user, NAMESPACE, DOC_A)
-    assert any(still_a), (learned_a, still_a)
+    assert any(run.learned_b), run.learned_b
+    assert any(run.still_a), (run.learned_a, run.still_a)
 
 
 def test_guard_set_is_answered_by_the_base_model(live: tuple[Gateway, LiveWorker]) -> None:
