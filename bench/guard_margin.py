@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def firmly_known(row: dict[str, Any], *, need: float) -> bool:
+    """A guard question: answered greedily, in ``need`` samples or more, flipped by no
+    perturbation adapter, and no anchor prompt (anchors are trained on)."""
+    return bool(
+        row["greedy_right"]
+        and not row["anchor"]
+        and row["sampled_right"] >= need
+        and row["flipped_by"] == 0
+    )
+
+
 def _read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
@@ -122,14 +133,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = await asyncio.gather(*(measure(item) for item in items))
     finally:
         await engine.shutdown()
-    need = args.keep * args.samples
     for row in rows:
-        row["kept"] = (
-            row["greedy_right"]
-            and not row["anchor"]
-            and row["sampled_right"] >= need
-            and row["flipped_by"] == 0
-        )
+        row["kept"] = firmly_known(row, need=args.keep * args.samples)
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(model_dir),
