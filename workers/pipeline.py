@@ -231,11 +231,11 @@ async def _temper(
 ) -> tuple[train.Candidate, dict[str, Any]]:
     """Bisects the scale of ``source``'s update in (0, 1) for the largest that passes the gate
     (x1 learned but forgot too much; the smaller the scale, the less of both is kept): a copy
-    that still forgot too much moves the upper end down; one that passed, or no longer learned
-    the new documents, moves the lower end up. ``tries`` copies at most; stops early at a copy
-    that both lost what it learned and forgot (no scale mends that). Returns the largest copy
-    that passed, else the last one tried, with its scores (``current`` when none could be
-    made); every other copy is rejected."""
+    that still forgot too much moves the upper end down; one that did not (it passed, or no
+    longer learned the new documents) moves the lower end up. ``tries`` copies at most; stops
+    early at a copy that both lost what it learned and forgot (no scale mends that). Returns
+    the largest copy that passed, else the last one tried, with its scores (``current`` when
+    none could be made); every other copy is rejected."""
     candidate, scores = current
     passed = False
     search = temper.Bisection()
@@ -249,21 +249,18 @@ async def _temper(
             break
         tried = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
         verdict = promote.decide(tried, gate)
-        hopeless = not verdict.learned and (
-            promote.retention_broken(tried, gate) or promote.guard_broken(tried, gate)
-        )
         if verdict.passed or not passed:
             why = f"superseded by {tempered.name} (tempered)"
             await promote.retire(ctx, candidate, reason=why)
             candidate, scores, passed = tempered, tried, verdict.passed
         else:
             await promote.retire(ctx, tempered, reason=f"{candidate.name} passed with less change")
-        if verdict.learned and not verdict.passed:
+        if promote.retention_broken(tried, gate) or promote.guard_broken(tried, gate):
+            if not verdict.learned and not passed:
+                break  # lost what it learned and still forgot: no scale mends that
             search.too_large(scale)
-        elif hopeless and not passed:
-            break
         else:
-            search.too_small(scale)
+            search.too_small(scale)  # passed, or kept too little of what was learned
     return candidate, scores
 
 
