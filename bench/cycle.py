@@ -63,6 +63,14 @@ def _time_job(stack: Stack, namespace: str, gate: dict[str, Any] | None) -> dict
             contains(client.ask(namespace, DOC["title"], p["question"]), p["answer"])
             for p in DOC["probes"]
         ]
+    # What each training run of the job cost: "training (fresh): ... 2 CPU threads ..." and
+    # "trained 100 steps in 55.1 s, loss 0.209" (train-stage seconds include loading and
+    # registering around it).
+    trainings = [
+        e["message"]
+        for e in client.events(job["id"])
+        if e["message"].startswith(("training (", "trained "))
+    ]
     run = {
         "namespace": namespace,
         "job_id": job["id"],
@@ -74,6 +82,7 @@ def _time_job(stack: Stack, namespace: str, gate: dict[str, Any] | None) -> dict
         "stages_s": {"queue": round(queued_s, 2), **timings},
         "other_s": round(total - queued_s - sum(timings.values()), 2),
         "champion_answers_probes": sum(answered),
+        "trainings": trainings,
         "scores": {
             who: {k: (job["scores"].get(who) or {}).get(k) for k in ("new", "retention", "guard")}
             for who in ("candidate", "base")
