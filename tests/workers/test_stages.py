@@ -840,13 +840,13 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     assert result.decision == "promoted", result.reasons
     versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
     modes = {(v.note or "").split(":")[0]: v for v in versions}
-    # x0.5 passed; the larger copies tried after it (x0.75, x0.875) lost doc0 again.
+    # x0.5 passed; x0.75 lost doc0 again (too large), so x0.625 was tried, which lost it too.
     assert sorted(modes) == [
         "consolidate",
         "incremental",
         "incremental-x0.5",
+        "incremental-x0.625",
         "incremental-x0.75",
-        "incremental-x0.875",
     ]
     assert all(
         v.status == AdapterStatus.rejected for k, v in modes.items() if k != "incremental-x0.5"

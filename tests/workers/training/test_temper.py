@@ -68,13 +68,23 @@ def test_bad_scale_mismatched_parent_and_existing_output_are_refused(tmp_path: P
         temper_adapter(cand, tmp_path / "taken", 0.5)
 
 
-def test_temper_scales_setting_is_checked() -> None:
+def test_temper_tries_setting_is_checked() -> None:
     from pydantic import ValidationError
 
     from app.settings import PipelineSettings
 
-    assert PipelineSettings().temper_scales == [0.6, 0.35]
-    assert PipelineSettings(temper_scales=[]).temper_scales == []  # off
-    for bad in ([1.0], [0.5, 0.0], [1.5]):
-        with pytest.raises(ValidationError, match="strictly between 0 and 1"):
-            PipelineSettings(temper_scales=bad)
+    assert PipelineSettings().temper_tries == 3
+    assert PipelineSettings(temper_tries=0).temper_tries == 0  # off
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        PipelineSettings(temper_tries=-1)
+
+
+def test_bisection_halves_the_interval_towards_the_largest_passing_scale() -> None:
+    from workers.tasks.temper import Bisection
+
+    search = Bisection()
+    assert search.next_scale() == 0.5
+    search.too_large(0.5)  # still forgot too much
+    assert search.next_scale() == 0.25
+    search.too_small(0.25)  # passed: look for a larger one that passes too
+    assert search.next_scale() == 0.375
