@@ -68,34 +68,38 @@ def firmly_known(row: dict[str, Any], *, need: float) -> bool:
     )
 
 
-def _read_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _read_lines(path)]
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from app.engine.local import LocalEngine
     from app.model_prep import resolve_model_dir
     from app.settings import EngineSettings, PipelineSettings, Settings
     from bench.learning_engine import InProcessChat
-    from workers.metrics import contains
+    from workers.metrics import best_of
     from workers.tasks.anchors import load_anchor_prompts
     from workers.tasks.common import qa_messages
-    from workers.tasks.evaluate import GUARD_FILE
+    from workers.tasks.evaluate import GUARD_FILE, load_guard
 
     guard_file = args.guard or GUARD_FILE
     seen: set[str] = set()
     items: list[dict[str, Any]] = []
     for source, path in (("guard", guard_file), ("candidate", args.candidates)):
-        for row in _read(path):
-            if row["question"] not in seen:
-                seen.add(row["question"])
-                items.append({**row, "source": source})
+        for item in load_guard(path):
+            if item.question not in seen:
+                seen.add(item.question)
+                items.append(
+                    {
+                        "title": item.title,
+                        "question": item.question,
+                        "answers": item.answers,
+                        "source": source,
+                    }
+                )
     anchors = set(load_anchor_prompts())
-    runs = [json.loads(line) for path in args.perturbations for line in _read_lines(path)]
+    runs = [
+        json.loads(line)
+        for path in args.perturbations
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
     flipped = [{flip[0] for flip in run["flips"]} for run in runs]
     max_tokens = PipelineSettings().eval_max_tokens
     model_dir = args.model or resolve_model_dir(Settings(), progress=False)
@@ -103,8 +107,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     chat = InProcessChat(engine)
     limit = asyncio.Semaphore(16)
 
-    def right(answer: str, golds: list[str]) -> bool:
-        return any(contains(answer, g) == 1.0 for g in golds)
+    def right(answer: str, golds: tuple[str, ...]) -> bool:
+        return best_of(answer, golds)[2] == 1.0  # contains, as the gate's guard metric
 
     async def measure(item: dict[str, Any]) -> dict[str, Any]:
         messages = qa_messages(item["title"], item["question"])

@@ -255,7 +255,7 @@ async def _temper(
             candidate, scores, passed = tempered, tried, verdict.passed
         else:
             await promote.retire(ctx, tempered, reason=f"{candidate.name} passed with less change")
-        if promote.retention_broken(tried, gate) or promote.guard_broken(tried, gate):
+        if promote.forgot(tried, gate):
             if not verdict.learned and not passed:
                 break  # lost what it learned and still forgot: no scale mends that
             search.too_large(scale)

@@ -91,12 +91,17 @@ def has_probes(scores: dict[str, Any]) -> bool:
     return _value(scores["candidate"], "new", scores["metrics"]["gate"])[1] > 0
 
 
+def forgot(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
+    """Why the candidate broke the forgetting budget (retention or guard), or None."""
+    return retention_broken(scores, gate) or guard_broken(scores, gate)
+
+
 def forgot_only(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate fails, when forgetting (retention or guard) is the only reason: it
     learned the new documents (so a smaller step may keep enough of that and pass)."""
     if not decide(scores, gate).learned:
         return None
-    return retention_broken(scores, gate) or guard_broken(scores, gate)
+    return forgot(scores, gate)
 
 
 def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
