@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from app.auth import Role
+from app.signals import exit_on_sigterm
 from bench.cycle import gate_args, gate_from, parse_settings
 from bench.live import Stack, live_stack, machine
-from bench.signals import exit_on_sigterm
 from workers.gateway_client import GatewayClient
 from workers.metrics import score_answers
 from workers.tasks.evaluate import GUARD_FILE, EvalItem, answer_all, load_guard

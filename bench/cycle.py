@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from app.signals import exit_on_sigterm
 from bench.live import Stack, live_stack, machine
-from bench.signals import exit_on_sigterm
 from workers.metrics import contains
 
 logger = logging.getLogger("bench.cycle")
@@ -66,10 +66,16 @@ def _time_job(stack: Stack, namespace: str, gate: dict[str, Any] | None) -> dict
     # What each training run of the job cost: "training (fresh): ... 2 CPU threads ..." and
     # "trained 100 steps in 55.1 s, loss 0.209" (train-stage seconds include loading and
     # registering around it).
+    events = client.events(job["id"])
     trainings = [
-        e["message"]
-        for e in client.events(job["id"])
-        if e["message"].startswith(("training (", "trained "))
+        e["message"] for e in events if e["message"].startswith(("training (", "trained "))
+    ]
+    # Where the seconds went inside stages: every event but the loss lines, at its offset
+    # from ingestion.
+    timeline = [
+        f"{e['created_at'] - job['created_at']:6.1f} {e['type']}: {e['message']}"
+        for e in events
+        if e["type"] != "loss"
     ]
     run = {
         "namespace": namespace,
@@ -83,6 +89,7 @@ def _time_job(stack: Stack, namespace: str, gate: dict[str, Any] | None) -> dict
         "other_s": round(total - queued_s - sum(timings.values()), 2),
         "champion_answers_probes": sum(answered),
         "trainings": trainings,
+        "timeline": timeline,
         "scores": {
             who: {k: (job["scores"].get(who) or {}).get(k) for k in ("new", "retention", "guard")}
             for who in ("candidate", "base")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.signals import exit_on_sigterm
+from app.signals import exit_on_sigterm
 
 logger = logging.getLogger("bench.forgetting")
 RESULTS = Path(__file__).resolve().parent / "results"

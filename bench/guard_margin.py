@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.signals import exit_on_sigterm
+from app.signals import exit_on_sigterm
 
 logger = logging.getLogger("bench.guard_margin")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from app.auth import Role
-from bench.signals import exit_on_sigterm
+from app.signals import exit_on_sigterm
 from tests.app.registry.cluster import Champion, Cluster, import_adapter, was_champion
 from tests.factories import temp_database_url
 from tests.support.models import VEXTORIA, ZORBLAT, bundled_model_dir, default_cache_root

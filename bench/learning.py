@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import PipelineSettings, RestemSettings
+from app.signals import exit_on_sigterm
 from bench.learning_stats import CONDITIONS, table
-from bench.signals import exit_on_sigterm
 from workers.training.peft_trainer import LoRAHyper
 
 logger = logging.getLogger("bench.learning")

@@ -27,8 +27,8 @@ from openai import AsyncOpenAI
 
 from app.engine.dtype import resolve_dtype
 from app.settings import EngineSettings
+from app.signals import exit_on_sigterm
 from bench.plot import Panel, bar_panels
-from bench.signals import exit_on_sigterm
 from tests.support.keys import create_keys
 from tests.support.models import (
     VEXTORIA,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Annotated
 
 import typer
@@ -75,7 +76,10 @@ def up(host: HostOpt = None, port: PortOpt = None) -> None:
     """Start the whole system: gateway, one worker and (without SELFADAPT_REDIS_URL) an
     embedded Redis (first start: model + admin key + the worker's key)."""
     from app.cli.worker import embedded_redis, worker_process
+    from app.signals import exit_on_sigterm
 
+    # SIGTERM (and a repeated Ctrl-C) must not skip stopping the worker and Redis below.
+    exit_on_sigterm((signal.SIGTERM, signal.SIGINT))
     settings = _with_listener(host, port)
     _bootstrap(settings)
     with embedded_redis(settings) as settings, worker_process(settings):

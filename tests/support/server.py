@@ -30,8 +30,11 @@ def free_port() -> int:
 class LiveServer:
     """One gateway subprocess; its log goes to `log_path` (shown when it fails to start)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, command: tuple[str, ...] = ("serve",)
+    ) -> None:
         self.port = free_port()
+        self._command = command
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._env = {**os.environ, **env, "SELFADAPT_SERVER__PORT": str(self.port)}
         self._log_path = log_path
@@ -40,7 +43,7 @@ class LiveServer:
     def start(self) -> LiveServer:
         log = self._log_path.open("wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [sys.executable, "-m", "app.cli", *self._command],
             env=self._env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -62,6 +65,20 @@ class LiveServer:
                 pass
             time.sleep(1)
         raise RuntimeError(f"gateway not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, timeout_s: float) -> int:
+        """The exit code, once the process has ended (raises TimeoutExpired)."""
+        assert self._proc is not None, "not started"
+        return self._proc.wait(timeout_s)
 
     def log_tail(self, chars: int = 6000) -> str:
         return self._log_path.read_text(errors="replace")[-chars:]
