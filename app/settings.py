@@ -111,7 +111,14 @@ class PipelineSettings(BaseModel):
         0.7, ge=0, description="1.0 (SEAL) makes the 135M model invent most of its output"
     )
     self_edit_top_p: float = Field(0.95, gt=0, le=1)
-    self_edit_max_tokens: int = Field(256, ge=16)
+    self_edit_max_tokens: int = Field(
+        160,
+        ge=16,
+        description=(
+            "longest self-edit; training uses its first max_edit_segments grounded segments, "
+            "and a sample caught in a repetition loop runs to this limit"
+        ),
+    )
     probe_count: int = Field(4, ge=0, description="probes generated when a document has none")
     probe_max_tokens: int = Field(256, ge=16)
 
@@ -184,7 +191,9 @@ class PipelineSettings(BaseModel):
 
     # --- evaluation (learning) ---
     eval_max_tokens: int = Field(64, ge=1)
-    eval_concurrency: int = Field(16, ge=1)
+    eval_concurrency: int = Field(
+        32, ge=1, description="evaluation (and anchor) requests in flight at once"
+    )
     retention_sample: int = Field(8, ge=0, description="earlier probes re-asked per job")
     guard_path: Path | None = Field(None, description="guard QA JSONL; default: bundled set")
     guard_metric: Literal["f1", "em", "contains"] = "contains"
