@@ -33,6 +33,9 @@ Mode = Literal["fresh", "incremental", "consolidate"]
 PROGRESS_EVERY_S = 1.0
 ENGINE_POLL_S = 1.0
 """How often a training run checks whether the engine serves requests (CPU thread budget)."""
+ANCHOR_STATES_DIR = "anchor-states"
+"""Under the data dir's cache: the base model's hidden states of anchor prompts, kept across
+jobs (`workers.training.anchor_reference.StateCache`)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -360,6 +363,7 @@ async def _run_training(
             hyper,
             init_adapter_dir=init_dir,
             on_step=on_step,
+            anchor_state_cache=ctx.settings.data_dir / "cache" / ANCHOR_STATES_DIR,
         )
     )
     watcher = (

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.training.anchor_reference import AnchorReference
+from workers.training.anchor_reference import AnchorReference, StateCache
 
 if TYPE_CHECKING:
     import torch
@@ -120,11 +120,14 @@ def train_lora(
     *,
     init_adapter_dir: Path | None = None,
     on_step: StepCallback | None = None,
+    anchor_state_cache: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` and save it as a PEFT folder at ``out_dir``.
 
     Runs fp32 on CPU and bf16 (base weights) on CUDA. With ``init_adapter_dir`` training
     continues from that adapter and its LoRA config; the LoRA fields of ``hyper`` are unused.
+    ``anchor_state_cache`` is a directory that keeps the base model's hidden states of anchor
+    examples across runs (see `anchor_reference.StateCache`).
 
     Returns:
         Steps run, final and per-step losses, wall seconds and the output directory.
@@ -153,7 +156,14 @@ def train_lora(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = hyper.total_steps(len(encoded))
     batches = _batches(encoded, hyper, pad_id, total)
-    reference = AnchorReference.build(model, encoded, device) if hyper.anchor_kl > 0 else None
+    reference = None
+    if hyper.anchor_kl > 0:
+        cache = (
+            StateCache(anchor_state_cache, Path(base_model_dir), str(dtype))
+            if anchor_state_cache is not None
+            else None
+        )
+        reference = AnchorReference.build(model, encoded, device, cache)
     losses = _optimise(model, batches, hyper, total, device, on_step, reference)
     _save_adapter(model, out_dir)
     seconds = time.monotonic() - started

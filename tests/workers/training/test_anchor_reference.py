@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.models import ZORBLAT, bundled_model_dir, default_cache_root, fact_adapter
 from workers.training import anchor_reference
-from workers.training.anchor_reference import AnchorReference
+from workers.training.anchor_reference import AnchorReference, StateCache
 from workers.training.peft_trainer import (
     ChatExample,
     LoRAHyper,
@@ -92,3 +92,64 @@ def test_training_with_the_cache_follows_the_forward_pass(
 
     assert cached.losses == pytest.approx(forward.losses, rel=1e-4)
     assert cached.losses[-1] != cached.losses[0]
+
+
+def _decoder_calls(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts forward passes through the base decoder (the reference's anchors and its
+    forward-pass check both make one each)."""
+    decoder = model.get_base_model().get_decoder()
+    forward, calls = decoder.forward, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counted)
+    return calls
+
+
+def test_hidden_states_are_kept_across_runs(
+    base_dir: Path, trained_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    encoded = _encoded(base_dir)
+    cache = StateCache(tmp_path, base_dir, "torch.float32")
+    calls = _decoder_calls(trained_model, monkeypatch)
+    first = AnchorReference.build(trained_model, encoded, "cpu", cache)
+    assert first is not None
+    assert len(calls) == 3  # the check + two anchors
+    assert len(list(cache.dir.glob("*.safetensors"))) == 2
+
+    calls.clear()
+    second = AnchorReference.build(trained_model, encoded, "cpu", cache)
+    assert second is not None
+    assert len(calls) == 1  # the check only: both states from disk
+    width = len(encoded[2].input_ids)
+    assert torch.equal(first.logits([2], width), second.logits([2], width))
+    # Another model (or dtype) gets its own folder.
+    assert StateCache(tmp_path, base_dir, "torch.bfloat16").dir != cache.dir
+
+
+def test_a_wrong_cached_state_is_recomputed(
+    base_dir: Path, trained_model: Any, tmp_path: Path
+) -> None:
+    import torch
+
+    encoded = _encoded(base_dir)
+    cache = StateCache(tmp_path, base_dir, "torch.float32")
+    right = AnchorReference.build(trained_model, encoded, "cpu", cache)
+    assert right is not None
+    tokens = encoded[1].input_ids  # the anchor the forward-pass check uses
+    good = cache.get(tokens, "cpu")
+    assert good is not None
+    cache.put(tokens, torch.zeros_like(good))
+
+    rebuilt = AnchorReference.build(trained_model, encoded, "cpu", cache)
+    assert rebuilt is not None
+    width = len(tokens)
+    assert torch.allclose(rebuilt.logits([1], width), right.logits([1], width), atol=1e-4)
+    assert torch.equal(cache.get(tokens, "cpu"), good)  # rewritten
+    # An unreadable file is a miss, not an error.
+    next(iter(cache.dir.glob("*.safetensors"))).write_bytes(b"not a tensor file")
+    assert AnchorReference.build(trained_model, encoded, "cpu", cache) is not None
