@@ -231,11 +231,13 @@ async def _temper(
 ) -> tuple[train.Candidate, dict[str, Any]]:
     """Bisects the scale of ``source``'s update in (0, 1) for the largest that passes the gate
     (x1 learned but forgot too much; the smaller the scale, the less of both is kept): a copy
-    that still forgot too much moves the upper end down; one that did not (it passed, or no
-    longer learned the new documents) moves the lower end up. ``tries`` copies at most; stops
-    early at a copy that both lost what it learned and forgot (no scale mends that). Returns
-    the largest copy that passed, else the last one tried, with its scores (``current`` when
-    none could be made); every other copy is rejected."""
+    that still forgot too much moves the upper end down; one that did not (it passed, or kept
+    too little) moves the lower end up. What counts as forgetting depends on the direction
+    (`temper.too_large`): towards the base, a copy that lost the earlier documents kept too
+    little, not too much. ``tries`` copies at most; stops early at a copy that kept too much
+    and too little at once (no scale mends that). Returns the largest copy that passed, else
+    the last one tried, with its scores (``current`` when none could be made); every other
+    copy is rejected."""
     candidate, scores = current
     passed = False
     search = temper.Bisection()
@@ -255,9 +257,10 @@ async def _temper(
             candidate, scores, passed = tempered, tried, verdict.passed
         else:
             await promote.retire(ctx, tempered, reason=f"{candidate.name} passed with less change")
-        if promote.forgot(tried, gate):
-            if not verdict.learned and not passed:
-                break  # lost what it learned and still forgot: no scale mends that
+        small = temper.too_small(tried, gate, candidate=source, learned=verdict.learned)
+        if temper.too_large(tried, gate, candidate=source):
+            if small and not passed:
+                break  # kept too much and too little at once: no scale mends that
             search.too_large(scale)
         else:
             search.too_small(scale)  # passed, or kept too little of what was learned

@@ -859,6 +859,46 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     assert json.loads(manifest.read_text())["tempered"] == {"scale": 0.5, "towards": "parent"}
 
 
+async def test_a_consolidation_that_forgot_guard_answers_is_tempered_towards_the_base(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """Seen live: v2 (incremental) lost doc0, the consolidated v3 knows both documents but
+    lost guard answers. Scaled towards the base, x0.5 (v4) keeps neither document: that copy
+    kept too little (the base never knew doc0), not too much, so the search moves up: x0.75
+    (v5) knows both and keeps the guard and is promoted; x0.875 (v6) forgets the guard."""
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    knowing = {"acme@v3", "acme@v5", "acme@v6"}
+    answer = _qa_answers(
+        {
+            "What is brewed?": ("kelloth", {"acme@v1", *knowing}),
+            "What is Vorn?": ("a moon", {"acme@v2", *knowing}),
+        },
+        forgets_guard={"acme@v3", "acme@v6"},
+    )
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(answer), doc1)
+    other = ctx.artifacts_dir.parent / "other-adapter"
+    shutil.copytree(tiny_adapter, other)
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, other, "consolidate")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "promoted", result.reasons
+    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
+    modes = {(v.note or "").split(":")[0]: v for v in versions}
+    assert [modes[k].version for k in ("incremental", "consolidate")] == [2, 3]
+    assert [modes[f"consolidate-x{s}"].version for s in ("0.5", "0.75", "0.875")] == [4, 5, 6]
+    chosen = modes["consolidate-x0.75"]
+    assert result.version_id == chosen.id
+    assert all(v.status == AdapterStatus.rejected for v in versions if v.id != chosen.id)
+    assert (await ctx.registry.resolve("acme")).version_id == chosen.id
+    manifest = ctx.registry.blobs.path_for(chosen.blob_sha256) / "manifest.json"
+    assert json.loads(manifest.read_text())["tempered"]["scale"] == 0.75
+
+
 async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scores(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:

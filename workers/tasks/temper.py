@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from workers.tasks import promote
 from workers.tasks.train import Candidate, job_version, register_once
 
 if TYPE_CHECKING:
+    from adapters_store.models import NamespaceSettings
     from adapters_store.registry import ResolvedVersion
     from workers.pipeline import StageContext
 
@@ -32,6 +34,36 @@ class Bisection:
 
     def too_small(self, scale: float) -> None:
         self.low = scale
+
+
+def towards_champion(candidate: Candidate) -> bool:
+    """An incremental candidate is tempered towards the champion it was trained from; a fresh
+    or consolidated one (trained from the base) towards the base."""
+    return candidate.mode.startswith("incremental")
+
+
+def too_large(
+    scores: dict[str, Any], gate: NamespaceSettings, *, candidate: Candidate
+) -> str | None:
+    """Why a tempered copy of ``candidate`` kept too much of its update, or None.
+
+    Guard answers come back as the scale shrinks either way (champion and base both passed
+    the guard). The earlier documents' answers (retention) come back only towards the
+    champion, which knew them; towards the base they fade with the rest of the update, so a
+    copy that lost them is too small, like one that lost the new documents."""
+    if not towards_champion(candidate):
+        return promote.guard_broken(scores, gate)
+    return promote.forgot(scores, gate)
+
+
+def too_small(
+    scores: dict[str, Any], gate: NamespaceSettings, *, candidate: Candidate, learned: bool
+) -> bool:
+    """A tempered copy of ``candidate`` kept too little: it lost the new documents (or,
+    scaled towards the base, the earlier ones)."""
+    if not learned:
+        return True
+    return not towards_champion(candidate) and promote.retention_broken(scores, gate) is not None
 
 
 def temper_key(candidate: Candidate, scale: float) -> str:
@@ -57,7 +89,7 @@ async def temper_stage(
     blobs = ctx.registry.blobs
     source = await ctx.registry.resolve(candidate.name)
     source_dir = await asyncio.to_thread(blobs.path_for, source.blob_sha256)
-    towards = parent if candidate.mode.startswith("incremental") else None
+    towards = parent if towards_champion(candidate) else None
     parent_dir = None
     if towards is not None:
         parent_dir = await asyncio.to_thread(blobs.path_for, towards.blob_sha256)
