@@ -119,6 +119,14 @@ class PipelineSettings(BaseModel):
             "and a sample caught in a repetition loop runs to this limit"
         ),
     )
+    self_edit_resamples: int = Field(
+        1,
+        ge=0,
+        description=(
+            "times a document whose self-edits were all filtered out (invented names, loops, "
+            "copies) is sampled again"
+        ),
+    )
     probe_count: int = Field(4, ge=0, description="probes generated when a document has none")
     probe_max_tokens: int = Field(256, ge=16)
 

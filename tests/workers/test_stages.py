@@ -470,6 +470,50 @@ async def test_self_edit_stage_stores_rows_once(stage_env: Callable[..., Any]) -
     ]
 
 
+@pytest.mark.parametrize("resamples", [1, 0])
+async def test_a_document_without_a_usable_self_edit_is_sampled_again(
+    stage_env: Callable[..., Any], resamples: int
+) -> None:
+    """Seen live: all three self-edits of a document invented names ("a volcanic peak in
+    Italy's Alps") and were filtered out, so it was trained on its sentences alone. Such a
+    document is sampled again (``self_edit_resamples`` times at most); every sample is stored."""
+    calls = 0
+
+    def inventive_first(model: str, prompt: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            return "The Marvelous Zorpian Empire sends Blarg Quux to Venus every Tuesday."
+        return _scripted(model, prompt)
+
+    ctx = await stage_env(
+        ScriptedGateway(inventive_first), DocumentInput(text=TEXT, param="d0", title=TITLE)
+    )
+    ctx.settings = ctx.settings.model_copy(
+        update={
+            "pipeline": ctx.settings.pipeline.model_copy(update={"self_edit_resamples": resamples})
+        }
+    )
+    docs = [as_doc(row) for row in await ctx.documents()]
+    samples = await synthesize.self_edit_stage(ctx, docs)
+
+    assert [s.reason for s in samples[:3]] == ["ungrounded"] * 3
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    if resamples:
+        assert [(s.format, s.reason) for s in samples[3:]] == [
+            ("implications", None),
+            ("rewrite", "prompt_copy"),
+            ("self_qa", None),
+        ]
+        assert "no usable self-edit for 1 document(s); sampling them again" in logs
+    else:
+        assert len(samples) == 3
+        assert not any("sampling them again" in m for m in logs)
+    async with ctx.sessionmaker() as s:
+        rows = (await s.scalars(select(SelfEdit).where(SelfEdit.job_id == ctx.job_id))).all()
+    assert len(rows) == len(samples)
+
+
 async def test_self_edit_stage_draws_formats_from_the_last_restem_job(
     stage_env: Callable[..., Any],
 ) -> None:
@@ -506,7 +550,9 @@ async def test_self_edit_stage_draws_formats_from_the_last_restem_job(
     assert counts == {"rewrite": ctx.settings.pipeline.self_edits_per_doc}
     docs = [as_doc(row) for row in await ctx.documents()]
     samples = await synthesize.self_edit_stage(ctx, docs)
-    assert [s.format for s in samples] == ["rewrite"] * 3
+    # The scripted rewrites copy the prompt (filtered), so the document is sampled again:
+    # from the learned formats too.
+    assert [s.format for s in samples] == ["rewrite"] * 6
     artifact = load_artifact(ctx.artifacts_dir, "self_edits.json")
     assert artifact is not None
     assert artifact["learned_formats"] == counts

@@ -191,6 +191,19 @@ async def self_edit_stage(ctx: StageContext, docs: Sequence[Doc]) -> list[SelfEd
             samples = await generate_self_edits(
                 ctx.gateway, docs, settings, model=model, counts=counts
             )
+            for _ in range(settings.self_edit_resamples):
+                kept = {s.document_id for s in samples if s.kept}
+                bare = [d for d in docs if d.id not in kept]
+                if not bare:
+                    break
+                await ctx.event(
+                    "log",
+                    f"no usable self-edit for {len(bare)} document(s); sampling them again",
+                    documents=[d.id for d in bare],
+                )
+                samples += await generate_self_edits(
+                    ctx.gateway, bare, settings, model=model, counts=counts
+                )
         save_artifact(
             ctx.artifacts_dir,
             SELF_EDITS_ARTIFACT,
