@@ -860,20 +860,14 @@ async def test_extension_is_off_with_zero_steps(
     ]
 
 
-async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candidate(
-    stage_env: Callable[..., Any], tiny_adapter: Path
-) -> None:
-    """v2 (incremental from v1) and v3 (consolidated) both learned doc1 and lost doc0; the
-    incremental update x0.5 towards v1 (v4) knows both and is promoted, its parent v1."""
+async def _second_job_with_both_candidates(
+    stage_env: Callable[..., Any], tiny_adapter: Path, answer: Callable[[str, str], str]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Doc1 ("Vorn") through the pipeline after ``_learned_first_document``, with an
+    incremental and a consolidated adapter already trained; returns the context, the result
+    and the job's versions by registration key."""
     from workers.pipeline import run_pipeline
 
-    await _learned_first_document(stage_env, tiny_adapter)
-    answer = _qa_answers(
-        {
-            "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
-            "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
-        }
-    )
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
     ctx = await stage_env(ScriptedGateway(answer), doc1)
@@ -882,10 +876,25 @@ async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candid
     _pretrained(ctx, tiny_adapter, "incremental")
     _pretrained(ctx, other, "consolidate")
     result = await run_pipeline(ctx)
-
-    assert result.decision == "promoted", result.reasons
     versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
-    modes = {(v.note or "").split(":")[0]: v for v in versions}
+    return ctx, result, {(v.note or "").split(":")[0]: v for v in versions}
+
+
+async def test_a_consolidation_that_still_forgets_tempers_the_incremental_candidate(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (incremental from v1) and v3 (consolidated) both learned doc1 and lost doc0; the
+    incremental update x0.5 towards v1 (v4) knows both and is promoted, its parent v1."""
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    answer = _qa_answers(
+        {
+            "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
+            "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+        }
+    )
+    ctx, result, modes = await _second_job_with_both_candidates(stage_env, tiny_adapter, answer)
+    assert result.decision == "promoted", result.reasons
     # x0.5 passed; x0.75 lost doc0 again (too large), so x0.625 was tried, which lost it too.
     assert sorted(modes) == [
         "consolidate",
@@ -912,7 +921,6 @@ async def test_a_consolidation_that_forgot_guard_answers_is_tempered_towards_the
     lost guard answers. Scaled towards the base, x0.5 (v4) keeps neither document: that copy
     kept too little (the base never knew doc0), not too much, so the search moves up: x0.75
     (v5) knows both and keeps the guard and is promoted; x0.875 (v6) forgets the guard."""
-    from workers.pipeline import run_pipeline
 
     await _learned_first_document(stage_env, tiny_adapter)
     knowing = {"acme@v3", "acme@v5", "acme@v6"}
@@ -923,23 +931,13 @@ async def test_a_consolidation_that_forgot_guard_answers_is_tempered_towards_the
         },
         forgets_guard={"acme@v3", "acme@v6"},
     )
-    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
-                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(answer), doc1)
-    other = ctx.artifacts_dir.parent / "other-adapter"
-    shutil.copytree(tiny_adapter, other)
-    _pretrained(ctx, tiny_adapter, "incremental")
-    _pretrained(ctx, other, "consolidate")
-    result = await run_pipeline(ctx)
-
+    ctx, result, modes = await _second_job_with_both_candidates(stage_env, tiny_adapter, answer)
     assert result.decision == "promoted", result.reasons
-    versions = [v for v in await ctx.registry.list_versions("acme") if v.job_id == ctx.job_id]
-    modes = {(v.note or "").split(":")[0]: v for v in versions}
     assert [modes[k].version for k in ("incremental", "consolidate")] == [2, 3]
     assert [modes[f"consolidate-x{s}"].version for s in ("0.5", "0.75", "0.875")] == [4, 5, 6]
     chosen = modes["consolidate-x0.75"]
     assert result.version_id == chosen.id
-    assert all(v.status == AdapterStatus.rejected for v in versions if v.id != chosen.id)
+    assert all(v.status == AdapterStatus.rejected for v in modes.values() if v.id != chosen.id)
     assert (await ctx.registry.resolve("acme")).version_id == chosen.id
     manifest = ctx.registry.blobs.path_for(chosen.blob_sha256) / "manifest.json"
     assert json.loads(manifest.read_text())["tempered"]["scale"] == 0.75
