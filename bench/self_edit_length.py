@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cut(tokenizer: Any, text: str, limit: int) -> str:
-    ids = tokenizer.encode(text, add_special_tokens=False)
+def _cut(tokenizer: Any, text: str, ids: list[int], limit: int) -> str:
+    """``text`` as a generation stopped after ``limit`` of its tokens ``ids`` would read."""
     if len(ids) <= limit:
         return text
     return str(tokenizer.decode(ids[:limit], skip_special_tokens=True))
@@ -83,9 +83,20 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         await engine.shutdown()
     sampling_s = time.monotonic() - started
     prompts = {fmt: DEFAULT_PROMPTS[fmt] for fmt in settings.formats}
-    lengths = [
-        len(tokenizer.encode(s.text, add_special_tokens=False)) for draw in draws for s in draw
+    # Each (draw, document): its samples as (format, text, token ids), tokenised once.
+    pairs = [
+        (
+            doc,
+            [
+                (s.format, s.text, tokenizer.encode(s.text, add_special_tokens=False))
+                for s in draw
+                if s.document_id == doc.id
+            ],
+        )
+        for draw in draws
+        for doc in docs
     ]
+    lengths = [len(ids) for _, samples in pairs for _, _, ids in samples]
 
     def sequences(doc: Doc, texts: list[tuple[str, str]]) -> list[str]:
         kept = tuple(
@@ -101,17 +112,16 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             max_edit_segments=settings.max_edit_segments,
         )
 
+    uncut = [sequences(doc, [(fmt, text) for fmt, text, _ in samples]) for doc, samples in pairs]
     per_limit: dict[str, Any] = {}
     for limit in [*args.limits, args.ceiling]:
-        same = fewer = total = 0
-        for draw in draws:
-            for doc in docs:
-                texts = [(s.format, s.text) for s in draw if s.document_id == doc.id]
-                cut = [(fmt, _cut(tokenizer, text, limit)) for fmt, text in texts]
-                shorter, full = sequences(doc, cut), sequences(doc, texts)
-                same += shorter == full
-                fewer += len(shorter) < len(full)
-                total += 1
+        same = fewer = 0
+        for (doc, samples), full in zip(pairs, uncut, strict=True):
+            cut = [(fmt, _cut(tokenizer, text, ids, limit)) for fmt, text, ids in samples]
+            shorter = sequences(doc, cut)
+            same += shorter == full
+            fewer += len(shorter) < len(full)
+        total = len(pairs)
         per_limit[str(limit)] = {
             "identical_training_sequences": same,
             "fewer_training_sequences": fewer,
