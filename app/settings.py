@@ -215,6 +215,19 @@ class PipelineSettings(BaseModel):
             "a wrong answer sharing a word with the gold one (0: the gain alone)"
         ),
     )
+    gate_firm_samples: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description=(
+            "a new probe counts as answered only when the greedy answer contains the gold "
+            "answer and so do at least gate_firm_share of this many answers sampled at "
+            "gate_firm_temperature: a greedy answer won by a thin margin flips with the "
+            "engine's batch composition (0: the greedy answer alone)"
+        ),
+    )
+    gate_firm_temperature: float = Field(0.5, gt=0.0, le=2.0)
+    gate_firm_share: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class RestemSettings(BaseModel):

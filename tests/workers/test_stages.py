@@ -277,6 +277,32 @@ def test_gate_needs_more_answered_probes_than_the_champion() -> None:
     assert learned.reasons[0].endswith("; 2/4 probes answered vs 1/4")
 
 
+def test_firm_rule_counts_greedy_answers_the_samples_back() -> None:
+    rule = evaluate.FirmRule(samples=4, temperature=0.5, share=0.5)
+    assert rule.need == 2
+    assert (evaluate.FirmRule(4, 0.5, 0.75).need, evaluate.FirmRule(3, 0.5, 0.5).need) == (3, 2)
+    assert evaluate.FirmRule(4, 0.5, 0.01).need == 1  # the greedy answer alone never counts
+    # None: the greedy answer missed; an int: how many samples contained the gold answer.
+    assert evaluate.answered([None, 1, 2, 4], rule) == 2
+    assert evaluate.answered([None, 0, 0], None) == 2
+    assert rule.describe() == "greedy and >= 2 of 4 samples at T=0.5"
+
+
+def test_gate_counts_firm_answers_when_measured() -> None:
+    """A greedy answer that contains the gold one but is not backed by the samples (a thin
+    margin: it flips with the batch) does not count as learned."""
+    scores = _scores(0.5, 0.0, (0.3, 0.3), 1.0)
+    scores["metrics"]["min_answered"] = 1
+    scores["candidate"]["new"].update(answered=0, firm="greedy and >= 2 of 4 samples at T=0.5")
+    scores["champion"]["new"].update(answered=0)
+    thin = promote.decide(scores, NamespaceSettings())
+    assert thin.decision == "rejected"
+    assert not thin.learned
+    assert "0/4 probes answered vs 0/4 (greedy and >= 2 of 4 samples at T=0.5)" in thin.reasons[0]
+    scores["candidate"]["new"]["answered"] = 1
+    assert promote.decide(scores, NamespaceSettings()).decision == "promoted"
+
+
 def test_gate_rejects_forgetting_and_guard_drop() -> None:
     forgot = promote.decide(_scores(0.5, 0.1, (0.5, 0.3), 1.0), NamespaceSettings())
     assert forgot.decision == "rejected"
@@ -333,16 +359,23 @@ def test_artifacts_are_reused_from_earlier_attempts(tmp_path: Path) -> None:
 
 
 class ScriptedGateway:
-    """Answers chat calls from a function of (model, user text); records every call."""
+    """Answers chat calls from a function of (model, user text); records every call. Sampled
+    calls (temperature > 0) go to ``sampled`` when given."""
 
-    def __init__(self, answer: Callable[[str, str], str]) -> None:
+    def __init__(
+        self,
+        answer: Callable[[str, str], str],
+        sampled: Callable[[str, str], str] | None = None,
+    ) -> None:
         self.answer = answer
+        self.sampled = sampled or answer
         self.calls: list[tuple[str, str, int]] = []
 
     async def chat(self, model: str, messages: Sequence[dict[str, str]], **kw: Any) -> list[str]:
         n = int(kw.get("n", 1))
         self.calls.append((model, messages[-1]["content"], n))
-        return [self.answer(model, messages[-1]["content"]) for _ in range(n)]
+        answer = self.sampled if kw.get("temperature", 0.0) > 0 else self.answer
+        return [answer(model, messages[-1]["content"]) for _ in range(n)]
 
     async def engine_busy(self) -> bool | None:
         return False
@@ -838,6 +871,35 @@ async def test_a_candidate_that_learned_nothing_is_trained_further(
     else:
         assert result.decision == "rejected"
         assert versions["fresh-more"].status == AdapterStatus.rejected
+
+
+async def test_a_greedy_answer_the_samples_do_not_back_is_not_learned(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v1's greedy answer is right but its sampled answers are not (a thin margin): v1 did
+    not learn, so it is trained further; v2 answers firmly and is promoted. Only probes
+    answered greedily are sampled, all samples of one in a single request."""
+    from workers.pipeline import run_pipeline
+
+    question = "What drink is brewed from brisk?"
+    greedy = _qa_answers({question: ("kelloth", {"acme@v1", "acme@v2"})})
+    sampled = _qa_answers({question: ("kelloth", {"acme@v2"})})
+    gateway = ScriptedGateway(greedy, sampled)
+    ctx = await stage_env(gateway, BREW_DOC)
+    _pretrained(ctx, tiny_adapter, "fresh")
+    _pretrained(ctx, tiny_adapter, "fresh-more")
+    result = await run_pipeline(ctx)
+
+    await _replaced(ctx, result, "fresh", by="fresh-more")
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("acme@v1 did not learn" in m and "0/1 probes answered" in m for m in logs), logs
+    assert result.decision == "promoted", result.reasons
+    assert result.scores is not None
+    assert result.scores["candidate"]["new"]["answered"] == 1
+    assert "samples" not in result.scores["candidate"]
+    samples = [(m, n) for m, text, n in gateway.calls if n > 1]
+    assert sorted(samples) == [("acme@v1", 4), ("acme@v2", 4)]  # base: greedy missed
+    assert all(question in text for _, text, n in gateway.calls if n > 1)
 
 
 async def test_extension_is_off_with_zero_steps(

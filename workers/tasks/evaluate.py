@@ -8,13 +8,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.metrics import QAScore, score_answers
+from workers.metrics import QAScore, best_of, score_answers
 from workers.tasks.common import Doc, load_artifact, qa_messages, save_artifact
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 GUARD_FILE = Path(__file__).resolve().parents[2] / "app" / "data" / "guard_qa.jsonl"
 SETS = ("new", "retention", "guard")
 REFERENCE_ARTIFACT = "reference_scores.json"
+DETAIL_KEYS = ("answers", "samples")
+"""Per-question detail kept in the job's artifacts, not in the stored scores."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,77 @@ async def answer_all(
     return list(await asyncio.gather(*(one(i) for i in items)))
 
 
+@dataclass(frozen=True)
+class FirmRule:
+    """When an answer to a new probe counts as answered: the greedy answer contains the gold
+    answer and so do at least ``need`` of ``samples`` answers sampled at ``temperature``.
+
+    A greedy answer won by a thin margin is not one users reliably get: on a CPU engine in
+    bf16 it can flip with the batch it is computed in. Sampling tests the margin.
+    """
+
+    samples: int
+    temperature: float
+    share: float
+
+    @property
+    def need(self) -> int:
+        return max(1, math.ceil(self.share * self.samples - 1e-9))
+
+    def describe(self) -> str:
+        return f"greedy and >= {self.need} of {self.samples} samples at T={self.temperature:g}"
+
+
+def firm_rule(settings: Settings) -> FirmRule | None:
+    p = settings.pipeline
+    if p.gate_firm_samples == 0:
+        return None
+    return FirmRule(p.gate_firm_samples, p.gate_firm_temperature, p.gate_firm_share)
+
+
+def _seed(item: EvalItem) -> int:
+    """One sampling seed per question (the same for every model, so they are compared on the
+    same random draws)."""
+    digest = hashlib.sha256(f"{item.title}\n{item.question}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+async def sample_hits(
+    gateway: ChatClient,
+    model: str,
+    items: Sequence[EvalItem],
+    greedy: Sequence[str],
+    *,
+    rule: FirmRule,
+    max_tokens: int,
+    limit: asyncio.Semaphore,
+) -> list[int | None]:
+    """How many of ``rule.samples`` sampled answers contain the gold answer, for each item
+    whose greedy answer does (None for the others: they are not answered either way)."""
+
+    async def one(item: EvalItem, answer: str) -> int | None:
+        if best_of(answer, item.answers)[2] < 1.0:
+            return None
+        async with limit:
+            texts = await gateway.chat(
+                model,
+                qa_messages(item.title, item.question),
+                temperature=rule.temperature,
+                max_tokens=max_tokens,
+                n=rule.samples,
+                seed=_seed(item),
+            )
+        return sum(best_of(t, item.answers)[2] == 1.0 for t in texts)
+
+    return list(await asyncio.gather(*(one(i, a) for i, a in zip(items, greedy, strict=True))))
+
+
+def answered(hits: Sequence[int | None], rule: FirmRule | None) -> int:
+    """Items answered under ``rule`` given their sample hits (None: greedy missed)."""
+    need = rule.need if rule is not None else 0
+    return sum(h is not None and h >= need for h in hits)
+
+
 async def _score(
     ctx: StageContext,
     model: str,
@@ -104,6 +178,8 @@ async def _score(
     names: Sequence[str],
     limit: asyncio.Semaphore,
 ) -> dict[str, Any]:
+    """Greedy scores of ``model`` on the named sets; on the new probes, also how many it
+    answers firmly (see FirmRule)."""
     max_tokens = ctx.settings.pipeline.eval_max_tokens
     answers = await asyncio.gather(
         *(
@@ -116,6 +192,27 @@ async def _score(
         score = score_answers((p, i.answers) for p, i in zip(preds, sets[name], strict=True))
         out[name] = score.as_dict()
         out.setdefault("answers", {})[name] = preds
+    if "new" in names:
+        rule = firm_rule(ctx.settings)
+        preds = out["answers"]["new"]
+        if rule is None:
+            hits: list[int | None] = [
+                0 if best_of(p, i.answers)[2] == 1.0 else None
+                for p, i in zip(preds, sets["new"], strict=True)
+            ]
+        else:
+            hits = await sample_hits(
+                ctx.gateway,
+                model,
+                sets["new"],
+                preds,
+                rule=rule,
+                max_tokens=max_tokens,
+                limit=limit,
+            )
+            out["new"]["firm"] = rule.describe()
+        out["new"]["answered"] = answered(hits, rule)
+        out["samples"] = {"new": hits}
     return out
 
 
@@ -196,13 +293,17 @@ def _summary(row: dict[str, Any]) -> str:
     for name in SETS:
         if isinstance(row.get(name), dict) and row[name].get("n"):
             s = QAScore.from_dict(row[name])
-            parts.append(f"{name} f1={s.f1:.3f} em={s.em:.2f} contains={s.contains:.2f} n={s.n}")
+            part = f"{name} f1={s.f1:.3f} em={s.em:.2f} contains={s.contains:.2f} n={s.n}"
+            if "answered" in row[name]:
+                part += f" answered={row[name]['answered']}"
+            parts.append(part)
     return "; ".join(parts) or "no questions"
 
 
 def without_answers(scores: dict[str, Any]) -> dict[str, Any]:
+    """``scores`` without each model's per-question detail (``DETAIL_KEYS``)."""
     return {
-        k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if isinstance(v, dict) else v)
+        k: ({kk: vv for kk, vv in v.items() if kk not in DETAIL_KEYS} if isinstance(v, dict) else v)
         for k, v in scores.items()
     }
 

@@ -41,7 +41,11 @@ def _value(row: dict[str, Any] | None, name: str, metric: str) -> tuple[float, i
 
 
 def _answered(row: dict[str, Any] | None) -> int:
-    """How many of the new probes ``row``'s answers contain the gold answer of."""
+    """How many of the new probes ``row`` answered: firmly when it was measured so (see
+    ``evaluate.FirmRule``), else its greedy answer contains the gold answer."""
+    scores = (row or {}).get("new") or {}
+    if "answered" in scores:
+        return int(scores["answered"])
     share, n = _value(row, "new", "contains")
     return round(share * n)
 
@@ -110,7 +114,9 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     New knowledge: the candidate's score on the new probes must beat the champion's (the
     base's for a first version) by more than 0 and by at least ``min_gain``, and it must
     answer (contain the gold answer of) at least ``metrics.min_answered`` more of them: F1
-    also rewards a wrong answer that shares a word with the gold one. Retention: at
+    also rewards a wrong answer that shares a word with the gold one. Answered means firmly
+    where the evaluation measured it so (``evaluate.FirmRule``): a greedy answer won by a
+    thin margin flips with the engine's batch composition. Retention: at
     most ``max_forgetting`` lost on earlier probes relative to the champion. Guard: at most
     ``max_forgetting`` lost relative to the base model (so drift cannot add up over versions).
     """
@@ -126,6 +132,8 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     need = int(scores["metrics"].get("min_answered", 0))
     answered, answered_before = _answered(candidate), _answered(reference)
     counts = f"{answered}/{n_new} probes answered vs {answered_before}/{n_new}"
+    if firm := (candidate.get("new") or {}).get("firm"):
+        counts += f" ({firm})"
     if n_new == 0:
         ok = False
         reasons.append("no probes: new knowledge cannot be measured")
