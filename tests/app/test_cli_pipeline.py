@@ -57,7 +57,8 @@ class FakeApi:
     """Answers the CLI's GETs from a script of job states (one per poll)."""
 
     def __init__(self, states: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
-        self.states, self.events, self.calls = states, events, []
+        self.states, self.events = states, events
+        self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def __call__(self, url: str, path: str, key: str | None, **params: Any) -> dict[str, Any]:
         self.calls.append((path, params))

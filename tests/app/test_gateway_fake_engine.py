@@ -125,7 +125,11 @@ async def test_unknown_route_is_openai_404(client: tuple[httpx.AsyncClient, Fake
 
 async def test_readyz_503_until_engine_started(settings: Settings) -> None:
     engine = FakeEngine(ready=False)
-    engine.start = asyncio.Event().wait  # type: ignore[method-assign]  # never finishes
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    engine.start = never  # type: ignore[method-assign]
     app = create_app(settings, engine=engine)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)

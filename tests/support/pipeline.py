@@ -62,7 +62,9 @@ class PipelineApp:
         """Rows per pipeline table (and namespaces): to prove nothing was stored."""
         async with self.sessionmaker() as s:
             return {
-                model.__tablename__: int(await s.scalar(select(func.count()).select_from(model)))
+                model.__tablename__: int(
+                    await s.scalar(select(func.count()).select_from(model)) or 0
+                )
                 for model in (Namespace, Document, AdaptationJob, JobEvent)
             }
 
@@ -168,7 +170,7 @@ def drop_queue(url: str, name: str) -> None:
         client.delete(key)
 
 
-def unused() -> Any:
+def unused(*_: Any) -> Any:
     """A registry/gateway factory for test pipelines that need neither."""
     raise AssertionError("the test pipeline needs no registry or gateway")
 
@@ -223,4 +225,4 @@ class JobsEnv:
 
     async def count(self, model: Any, *where: Any) -> int:
         async with self.sessionmaker() as s:
-            return int(await s.scalar(select(func.count()).select_from(model).where(*where)))
+            return int(await s.scalar(select(func.count()).select_from(model).where(*where)) or 0)

@@ -161,7 +161,11 @@ def test_pipeline_runs_every_stage_and_measures_what_it_gates(run: Run) -> None:
         assert job["decision"] in ("promoted", "rejected"), job
         assert job["reasons"], job
         assert job["result_version"].startswith(f"{NAMESPACE}@v"), job
-        assert job["scores"]["candidate"]["new"]["n"] == len(doc["probes"])
+        new = job["scores"]["candidate"]["new"]
+        assert new["n"] == len(doc["probes"])
+        # Answered firmly (greedy and sampled answers), never more than greedily.
+        assert new["firm"] == "greedy and >= 2 of 4 samples at T=0.5", new
+        assert 0 <= new["answered"] <= round(new["contains"] * new["n"]), new
     if run.first["decision"] == "promoted":
         # v1, or a later version of the same job (trained further or tempered by the gate).
         assert run.second["scores"]["champion"]["model"] == run.first["result_version"]

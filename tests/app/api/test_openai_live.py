@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
 from app.auth import Role
@@ -36,11 +37,9 @@ def _async_client(gateway: Gateway) -> openai.AsyncOpenAI:
 
 
 def _ask(client: openai.OpenAI, model: str, question: str, **kw: object) -> str:
-    params: dict[str, object] = {"temperature": 0, "max_tokens": 24, **kw}
+    params: dict[str, Any] = {"temperature": 0, "max_tokens": 24, **kw}
     r = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": question}],
-        **params,  # type: ignore[arg-type]
+        model=model, messages=[{"role": "user", "content": question}], **params
     )
     return r.choices[0].message.content or ""
 
@@ -52,9 +51,10 @@ def test_chat_base_answers_known_fact(gateway: Gateway) -> None:
 def test_chat_usage_counts_prompt_and_completion_tokens(gateway: Gateway, model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     messages = [{"role": "user", "content": FRANCE}]
+    chat: list[ChatCompletionMessageParam] = [{"role": "user", "content": FRANCE}]
     r = _client(gateway).chat.completions.create(
         model="base",
-        messages=messages,
+        messages=chat,
         max_tokens=7,
         temperature=0,
         extra_body={"ignore_eos": True},

@@ -157,7 +157,7 @@ async def test_namespace_without_probe_documents(api: Api) -> None:
 )
 async def test_out_of_range_parameters(api: Api, body: dict[str, int], param: str) -> None:
     await api.ingest(doc(probes=PROBES))
-    error = assert_error(await api.start(**body), 400, f"{param}_out_of_range", param)
+    error = assert_error(await api.start("acme", **body), 400, f"{param}_out_of_range", param)
     assert str(body[param]) in error["message"]
 
 

@@ -63,7 +63,9 @@ async def _restem_job(env: JobsEnv) -> str:
     from app.services.ingest import DocumentInput, IngestService
 
     ingest = IngestService(env.sessionmaker, None, env.settings.pipeline)
-    doc = DocumentInput("Zorblat's capital is Quenmar.", "d0", probes=[tuple(PROBE.values())])
+    doc = DocumentInput(
+        "Zorblat's capital is Quenmar.", "d0", probes=[(PROBE["question"], PROBE["answer"])]
+    )
     await ingest.ingest(namespace="acme", documents=[doc], actor="t", force=False)
     service = RestemService(env.sessionmaker, None, RestemSettings(), max_attempts=1)
     return await service.start("acme", RestemRequest(docs=1), actor="t")

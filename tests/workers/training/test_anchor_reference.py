@@ -149,7 +149,9 @@ def test_a_wrong_cached_state_is_recomputed(
     assert rebuilt is not None
     width = len(tokens)
     assert torch.allclose(rebuilt.logits([1], width), right.logits([1], width), atol=1e-4)
-    assert torch.equal(cache.get(tokens, "cpu"), good)  # rewritten
+    rewritten = cache.get(tokens, "cpu")
+    assert rewritten is not None
+    assert torch.equal(rewritten, good)
     # An unreadable file is a miss, not an error.
     next(iter(cache.dir.glob("*.safetensors"))).write_bytes(b"not a tensor file")
     assert AnchorReference.build(trained_model, encoded, "cpu", cache) is not None
