@@ -902,6 +902,29 @@ async def test_a_greedy_answer_the_samples_do_not_back_is_not_learned(
     assert all(question in text for _, text, n in gateway.calls if n > 1)
 
 
+async def test_without_samples_the_greedy_answer_counts(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """``gate_firm_samples=0``: the greedy answer alone, as before the firm rule."""
+    from workers.pipeline import run_pipeline
+
+    question = "What drink is brewed from brisk?"
+    greedy = _qa_answers({question: ("kelloth", {"acme@v1"})})
+    gateway = ScriptedGateway(greedy, _qa_answers({}))
+    ctx = await stage_env(gateway, BREW_DOC)
+    ctx.settings = ctx.settings.model_copy(
+        update={"pipeline": ctx.settings.pipeline.model_copy(update={"gate_firm_samples": 0})}
+    )
+    _pretrained(ctx, tiny_adapter, "fresh")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "promoted", result.reasons
+    assert result.scores is not None
+    assert result.scores["candidate"]["new"]["answered"] == 1
+    assert "firm" not in result.scores["candidate"]["new"]
+    assert not [call for call in gateway.calls if call[2] > 1]
+
+
 async def test_extension_is_off_with_zero_steps(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:

@@ -135,22 +135,26 @@ def _seed(item: EvalItem) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-async def sample_hits(
+async def answer_firmly(
     gateway: ChatClient,
     model: str,
     items: Sequence[EvalItem],
-    greedy: Sequence[str],
     *,
-    rule: FirmRule,
+    rule: FirmRule | None,
     max_tokens: int,
     limit: asyncio.Semaphore,
-) -> list[int | None]:
-    """How many of ``rule.samples`` sampled answers contain the gold answer, for each item
-    whose greedy answer does (None for the others: they are not answered either way)."""
+) -> tuple[list[str], list[int | None]]:
+    """Greedy answers of ``model`` to every item and, for each item whose greedy answer
+    contains a gold answer, how many of ``rule.samples`` sampled answers do too (None where
+    the greedy answer missed; 0 without a rule). Each item is sampled as soon as its greedy
+    answer is in, so the samples overlap the rest of the evaluation."""
 
-    async def one(item: EvalItem, answer: str) -> int | None:
-        if best_of(answer, item.answers)[2] < 1.0:
-            return None
+    async def one(item: EvalItem) -> tuple[str, int | None]:
+        (greedy,) = await answer_all(gateway, model, [item], max_tokens=max_tokens, limit=limit)
+        if best_of(greedy, item.answers)[2] < 1.0:
+            return greedy, None
+        if rule is None:
+            return greedy, 0
         async with limit:
             texts = await gateway.chat(
                 model,
@@ -160,9 +164,10 @@ async def sample_hits(
                 n=rule.samples,
                 seed=_seed(item),
             )
-        return sum(best_of(t, item.answers)[2] == 1.0 for t in texts)
+        return greedy, sum(best_of(t, item.answers)[2] == 1.0 for t in texts)
 
-    return list(await asyncio.gather(*(one(i, a) for i, a in zip(items, greedy, strict=True))))
+    rows = await asyncio.gather(*(one(i) for i in items))
+    return [greedy for greedy, _ in rows], [hits for _, hits in rows]
 
 
 def answered(hits: Sequence[int | None], rule: FirmRule | None) -> int:
@@ -181,37 +186,41 @@ async def _score(
     """Greedy scores of ``model`` on the named sets; on the new probes, also how many it
     answers firmly (see FirmRule)."""
     max_tokens = ctx.settings.pipeline.eval_max_tokens
-    answers = await asyncio.gather(
-        *(
-            answer_all(ctx.gateway, model, sets[n], max_tokens=max_tokens, limit=limit)
-            for n in names
+    rule = firm_rule(ctx.settings)
+    others = [name for name in names if name != "new"]
+
+    async def new() -> tuple[list[str], list[int | None]] | None:
+        if "new" not in names:
+            return None
+        return await answer_firmly(
+            ctx.gateway, model, sets["new"], rule=rule, max_tokens=max_tokens, limit=limit
         )
-    )
+
+    async def rest() -> list[list[str]]:
+        return list(
+            await asyncio.gather(
+                *(
+                    answer_all(ctx.gateway, model, sets[n], max_tokens=max_tokens, limit=limit)
+                    for n in others
+                )
+            )
+        )
+
+    firm, plain = await asyncio.gather(new(), rest())
+    preds_of = dict(zip(others, plain, strict=True))
+    if firm is not None:
+        preds_of["new"] = firm[0]
     out: dict[str, Any] = {"model": model}
-    for name, preds in zip(names, answers, strict=True):
+    for name in names:
+        preds = preds_of[name]
         score = score_answers((p, i.answers) for p, i in zip(preds, sets[name], strict=True))
         out[name] = score.as_dict()
         out.setdefault("answers", {})[name] = preds
-    if "new" in names:
-        rule = firm_rule(ctx.settings)
-        preds = out["answers"]["new"]
-        if rule is None:
-            hits: list[int | None] = [
-                0 if best_of(p, i.answers)[2] == 1.0 else None
-                for p, i in zip(preds, sets["new"], strict=True)
-            ]
-        else:
-            hits = await sample_hits(
-                ctx.gateway,
-                model,
-                sets["new"],
-                preds,
-                rule=rule,
-                max_tokens=max_tokens,
-                limit=limit,
-            )
-            out["new"]["firm"] = rule.describe()
+    if firm is not None:
+        hits = firm[1]
         out["new"]["answered"] = answered(hits, rule)
+        if rule is not None:
+            out["new"]["firm"] = rule.describe()
         out["samples"] = {"new": hits}
     return out
 
