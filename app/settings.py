@@ -227,7 +227,7 @@ class PipelineSettings(BaseModel):
         ),
     )
     gate_firm_temperature: float = Field(0.5, gt=0.0, le=2.0)
-    gate_firm_share: float = Field(0.5, gt=0.0, le=1.0)
+    gate_firm_share: float = Field(0.75, gt=0.0, le=1.0)
 
 
 class RestemSettings(BaseModel):

@@ -164,7 +164,7 @@ def test_pipeline_runs_every_stage_and_measures_what_it_gates(run: Run) -> None:
         new = job["scores"]["candidate"]["new"]
         assert new["n"] == len(doc["probes"])
         # Answered firmly (greedy and sampled answers), never more than greedily.
-        assert new["firm"] == "greedy and >= 2 of 4 samples at T=0.5", new
+        assert new["firm"] == "greedy and >= 3 of 4 samples at T=0.5", new
         assert 0 <= new["answered"] <= round(new["contains"] * new["n"]), new
     if run.first["decision"] == "promoted":
         # v1, or a later version of the same job (trained further or tempered by the gate).
