@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,13 @@ from tests.support.models import (
 from tests.support.server import LiveServer
 
 ADAPTERS = {"zorb": ZORBLAT, "vex": VEXTORIA}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, a `kill`) stops the run as Ctrl-C does: pytest then tears the
+    fixtures down, so the gateways, engines and workers they started do not outlive it (with
+    Python's default action they kept running, a worker training on both cores)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @dataclass
