@@ -154,6 +154,13 @@ class PipelineSettings(BaseModel):
     replay_fraction: float = Field(
         0.5, ge=0, description="replayed earlier sequences per new sequence"
     )
+    replay_passages: bool = Field(
+        True,
+        description=(
+            "replay every earlier document's whole passage before sampling its other sequences "
+            "(a uniform draw can leave out every sequence that states one of its facts)"
+        ),
+    )
     anchor_fraction: float = Field(
         2.0, ge=0, description="base-model answers to general prompts mixed in per sequence"
     )

@@ -37,73 +37,41 @@ DEFAULT_VARIANTS: list[dict[str, Any]] = [
     {"name": "kl1_af2", "kl": 1.0, "anchor_fraction": 2.0},
     {"name": "kl1_af4", "kl": 1.0, "anchor_fraction": 4.0},
 ]
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
-    from app.engine.local import LocalEngine
     from app.model_prep import resolve_model_dir
-    from app.settings import EngineSettings, PipelineSettings, Settings
-    from bench.learning_engine import InProcessChat
+    from app.settings import Settings
+    from bench.doc_training import (
+        WorkCache,
+        anchor_pairs,
+        job_examples,
+        kept_self_edits,
+        load_doc,
+        start_engine,
+        variant_hyper,
+    )
     from workers.metrics import best_of, score_answers
-    from workers.tasks.anchors import load_anchor_prompts, sample_anchors
-    from workers.tasks.common import Doc, Probe
     from workers.tasks.evaluate import GUARD_FILE, EvalItem, answer_all, load_guard
-    from workers.tasks.synthesize import generate_self_edits
-    from workers.training.datasets import DocumentData, build_training_set, plan_steps
-    from workers.training.peft_trainer import ChatExample, LoRAHyper, TextExample, train_lora
+    from workers.training.datasets import DocumentData, build_training_set
+    from workers.training.peft_trainer import train_lora
 
-    rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
-    row = rows[args.doc]
-    doc = Doc(
-        row["id"],
-        row["title"],
-        row["context"],
-        tuple(Probe(q["question"], q["answers"][0]) for q in row["questions"]),
-    )
+    doc = load_doc(args.data, args.doc)
     model_dir = args.model or resolve_model_dir(Settings(), progress=False)
-    engine = LocalEngine(
-        model_dir,
-        EngineSettings(max_loras=8, max_cpu_loras=32, max_lora_rank=32, kv_cache_space_gib=2),
-    )
-    chat = InProcessChat(engine)
+    engine, chat = start_engine(model_dir)
     limit = asyncio.Semaphore(64)
     guard = load_guard(args.guard or GUARD_FILE)
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-
-    async def cached(name: str, make: Any) -> Any:
-        path = work / name
-        if path.is_file():
-            return json.loads(path.read_text())
-        value = await make()
-        path.write_text(json.dumps(value))
-        return value
-
-    async def edits() -> list[str]:
-        samples = await generate_self_edits(chat, [doc], PipelineSettings(), model="base")
-        return [s.text for s in samples if s.kept]
-
-    async def anchors() -> list[list[str]]:
-        prompts = load_anchor_prompts()
-
-        async def one(p: str) -> str:
-            async with limit:
-                texts = await chat.chat("base", [{"role": "user", "content": p}], max_tokens=64)
-                return texts[0].strip()
-
-        answers = await asyncio.gather(*(one(p) for p in prompts))
-        return [[p, a] for p, a in zip(prompts, answers, strict=True) if a]
+    cache = WorkCache(args.work_dir)
 
     async def base_guard() -> list[str]:
         return await answer_all(chat, "base", guard, max_tokens=64, limit=limit)
 
     try:
-        kept = await cached(f"edits-{doc.id}.json", edits)
-        pairs = [tuple(p) for p in await cached("anchors.json", anchors)]
+        kept = await kept_self_edits(chat, doc, cache)
+        pairs = await anchor_pairs(chat, cache, limit)
         # Keyed by the guard file's content: another --guard must not reuse these answers.
         guard_key = hashlib.sha256((args.guard or GUARD_FILE).read_bytes()).hexdigest()[:16]
-        base = await cached(f"base_guard-{guard_key}.json", base_guard)
+        base = await cache.get(f"base_guard-{guard_key}.json", base_guard)
         probes = [EvalItem(doc.title, p.question, (p.answer,)) for p in doc.probes]
         for v in variants:
             seed = int(v.get("seed", 0))
@@ -113,31 +81,11 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                 max_edit_segments=v.get("max_edit_segments", 4),
                 seed=seed,
             )
-            chosen = sample_anchors(
-                pairs, len(data.sequences), v.get("anchor_fraction", 2.0), seed=str(seed)
+            examples = job_examples(
+                data.sequences, pairs, anchor_fraction=v.get("anchor_fraction", 2.0), seed=seed
             )
-            examples: list[TextExample | ChatExample] = [TextExample(s) for s in data.sequences]
-            examples += [ChatExample(u, a, anchor=True) for u, a in chosen]
-            steps = plan_steps(
-                len(examples),
-                epochs=v.get("epochs", 10),
-                batch_size=1,
-                max_steps=v.get("max_steps", 100),
-            )
-            hyper = LoRAHyper(
-                rank=v.get("rank", 16),
-                alpha=v.get("alpha", 32),
-                target_modules=tuple(v.get("targets", ALL_LINEAR)),
-                lr=v.get("lr", 5e-4),
-                steps=steps,
-                batch_size=1,
-                max_len=256,
-                seed=seed,
-                lr_schedule=v.get("sched", "constant"),
-                anchor_kl=v.get("kl", 1.0),
-                num_threads=v.get("threads", 1),
-            )
-            out = work / "adapters" / f"{v['name']}-{time.time_ns()}"
+            hyper = variant_hyper(v, len(examples), seed=seed)
+            out = args.work_dir / "adapters" / f"{v['name']}-{time.time_ns()}"
             started = time.monotonic()
             result = await asyncio.to_thread(train_lora, model_dir, examples, out, hyper)
             train_s = time.monotonic() - started
@@ -156,8 +104,8 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                 "v": v,
                 "doc": doc.id,
                 "n_seq": len(data.sequences),
-                "anchors": len(chosen),
-                "steps": steps,
+                "anchors": len(examples) - len(data.sequences),
+                "steps": hyper.steps,
                 "train_s": round(train_s, 1),
                 "loss": result.final_loss,
                 "guard": g.contains,

@@ -186,6 +186,36 @@ def test_build_training_set_replays_earlier_documents() -> None:
     assert none.n_replay == 0
 
 
+def test_replay_takes_every_earlier_passage_before_other_sequences() -> None:
+    """A document's facts are all in its passage; a uniform draw over its sentences and
+    self-edit lines could leave one of them out of the replay."""
+    text = "Vorn lies in the Sorrel Sea. Its capital is Pell. Its grain is brisk."
+    earlier = [DocumentData(f"Old {i}", text) for i in range(2)]  # 4 sequences each
+    passages = {f"Old {i}\n{text}" for i in range(2)}
+    for seed in range(20):
+        data = build_training_set(
+            [DocumentData(TITLE, TEXT)], earlier, replay_fraction=0.75, seed=seed
+        )
+        replay = data.sequences[data.n_new :]
+        assert data.n_replay == 3
+        assert len(set(replay)) == 3
+        assert set(replay[:2]) == passages, replay
+    uniform = [
+        build_training_set(
+            [DocumentData(TITLE, TEXT)],
+            earlier,
+            replay_fraction=0.75,
+            replay_passages=False,
+            seed=seed,
+        ).sequences[4:]
+        for seed in range(20)
+    ]
+    assert any(not passages <= set(r) for r in uniform)  # what the passages-first rule prevents
+    many = [DocumentData(f"Old {i}", f"Fact {i} is about Vorn {i}.") for i in range(10)]
+    few = build_training_set([DocumentData(TITLE, TEXT)], many, replay_fraction=0.5, seed="j")
+    assert few.n_replay == 2  # more earlier documents than the budget: a draw of passages
+
+
 def test_plan_steps() -> None:
     assert plan_steps(12, epochs=10, batch_size=1) == 120
     assert plan_steps(12, epochs=10, batch_size=1, max_steps=100) == 100

@@ -73,6 +73,7 @@ def training_set(
         new,
         earlier if mode == "incremental" else [],
         replay_fraction=settings.replay_fraction,
+        replay_passages=settings.replay_passages,
         sentences=settings.sentence_sequences,
         max_edit_segments=settings.max_edit_segments,
         seed=ctx.job_id,

@@ -191,11 +191,33 @@ def replay_sample(pool: Sequence[str], n: int, *, seed: int | str) -> list[str]:
     return random.Random(str(seed)).sample(list(pool), n)
 
 
+def choose_replay(
+    per_document: Sequence[Sequence[str]], n: int, *, passages_first: bool, seed: int | str
+) -> list[str]:
+    """``n`` replayed sequences from earlier documents' sequences (each document's list ends
+    with its passage, `document_sequences`).
+
+    With ``passages_first`` every earlier passage is replayed before any other sequence (a
+    random draw, when there are more documents than ``n``): a passage states all of its
+    document's facts, while a uniform draw over sentences and self-edit lines can leave out
+    every sequence that carries one of them.
+    """
+    if n <= 0:
+        return []
+    if not passages_first:
+        return replay_sample([s for seqs in per_document for s in seqs], n, seed=seed)
+    passages = replay_sample([seqs[-1] for seqs in per_document if seqs], n, seed=seed)
+    chosen = set(passages)
+    rest = [s for seqs in per_document for s in seqs if s not in chosen]
+    return passages + replay_sample(rest, n - len(passages), seed=seed)
+
+
 def build_training_set(
     new_docs: Iterable[DocumentData],
     earlier_docs: Iterable[DocumentData] = (),
     *,
     replay_fraction: float = 0.5,
+    replay_passages: bool = True,
     sentences: bool = True,
     max_edit_segments: int | None = None,
     seed: int | str = 0,
@@ -203,25 +225,22 @@ def build_training_set(
     """This job's sequences plus ``replay_fraction`` x as many replayed earlier ones.
 
     Replay draws from every sequence the earlier documents would produce, so a replayed
-    document is seen through its kept self-edits as well as its passage.
+    document is seen through its kept self-edits as well as its passage; with
+    ``replay_passages`` the earlier passages come first (`choose_replay`).
     """
 
-    def sequences(docs: Iterable[DocumentData]) -> list[str]:
-        return [
-            s
-            for doc in docs
-            for s in document_sequences(
-                doc, sentences=sentences, max_edit_segments=max_edit_segments
-            )
-        ]
+    def sequences(doc: DocumentData) -> list[str]:
+        return document_sequences(doc, sentences=sentences, max_edit_segments=max_edit_segments)
 
-    new, pool = sequences(new_docs), sequences(earlier_docs)
-    replay = replay_sample(pool, math.ceil(replay_fraction * len(new)), seed=seed)
+    new = [s for doc in new_docs for s in sequences(doc)]
+    earlier = [sequences(doc) for doc in earlier_docs]
+    n = math.ceil(replay_fraction * len(new))
+    replay = choose_replay(earlier, n, passages_first=replay_passages, seed=seed)
     return TrainingSet(
         sequences=(*new, *replay),
         n_new=len(new),
         n_replay=len(replay),
-        sources={"new": len(new), "replay": len(replay), "replay_pool": len(pool)},
+        sources={"new": len(new), "replay": len(replay), "replay_pool": sum(map(len, earlier))},
     )
 
 

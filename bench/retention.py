@@ -1,0 +1,226 @@
+"""Retention benchmark: does a second document's incremental training keep the first one?
+
+The pipeline's second job in a namespace trains the champion (an adapter that learned document
+A) on document B plus a replay sample of A's sequences. This benchmark does exactly that in
+process, several times per variant (seeds change the replay draw, the anchors and the step
+order), and asks every result A's and B's held-out questions without context, as the
+evaluate stage does: greedy answers for token-F1, and a question counts as answered when the
+greedy answer and enough sampled ones contain the gold answer (the gate's firm-answer rule).
+A run "passes" when it would clear the registry's default gate on new knowledge and retention:
+B's F1 above the champion's and at least one more B question answered, A's F1 down by at most
+``max_forgetting``. The guard set is not asked (`bench.forgetting` measures it).
+
+A variant is a JSON object: ``name`` plus overrides of ``replay_fraction``,
+``replay_passages``, ``anchor_fraction`` and the LoRA keys `bench.doc_training.variant_hyper`
+reads. Document A's adapter is trained once (pipeline defaults) and kept in ``--work-dir``.
+Writes ``--out`` (default ``bench/results/retention.json``) after every run.
+
+Run from the repo root: ``.venv/bin/python -m bench.retention --seeds 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.signals import exit_on_sigterm
+from bench.live import machine
+
+if TYPE_CHECKING:
+    from bench.learning_engine import InProcessChat
+    from workers.tasks.evaluate import EvalItem, FirmRule
+
+logger = logging.getLogger("bench.retention")
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parent / "data" / "made_up_facts.jsonl"
+DEFAULT_VARIANTS: list[dict[str, Any]] = [
+    {"name": "uniform_replay", "replay_passages": False},
+    {"name": "passages_first", "replay_passages": True},
+]
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One adapter's answers to one document's questions."""
+
+    f1: float
+    answered: int
+    n: int
+
+
+async def ask(
+    chat: InProcessChat, model: str, items: list[EvalItem], rule: FirmRule | None
+) -> Asked:
+    from workers.metrics import score_answers
+    from workers.tasks.evaluate import answer_firmly, answered
+
+    limit = asyncio.Semaphore(32)
+    greedy, hits = await answer_firmly(chat, model, items, rule=rule, max_tokens=64, limit=limit)
+    score = score_answers((a, i.answers) for a, i in zip(greedy, items, strict=True))
+    return Asked(round(score.f1, 4), answered(hits, rule), len(items))
+
+
+def passes(champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float) -> bool:
+    """The registry's default gate on new knowledge (B) and retention (A), guard aside."""
+    learned = run["B"].f1 > champion["B"].f1 and run["B"].answered >= champion["B"].answered + 1
+    return learned and run["A"].f1 >= champion["A"].f1 - max_forgetting - 1e-9
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: runs, gate passes, mean A/B answered and F1."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        rows = [r for r in runs if r["variant"] == name]
+        out[name] = {
+            "runs": len(rows),
+            "passes": sum(r["passes"] for r in rows),
+            "kept_every_a_answer": sum(
+                r["A"]["answered"] >= r["champion_a_answered"] for r in rows
+            ),
+            "a_answered_mean": statistics.fmean(r["A"]["answered"] for r in rows),
+            "b_answered_mean": statistics.fmean(r["B"]["answered"] for r in rows),
+            "a_f1_mean": round(statistics.fmean(r["A"]["f1"] for r in rows), 4),
+            "b_f1_mean": round(statistics.fmean(r["B"]["f1"] for r in rows), 4),
+            "train_s_mean": round(statistics.fmean(r["train_s"] for r in rows), 1),
+        }
+    return out
+
+
+async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
+    from dataclasses import asdict
+
+    from adapters_store.models import NamespaceSettings
+    from app.model_prep import resolve_model_dir
+    from app.settings import Settings
+    from bench.doc_training import (
+        WorkCache,
+        anchor_pairs,
+        job_examples,
+        kept_self_edits,
+        load_doc,
+        start_engine,
+        variant_hyper,
+    )
+    from workers.tasks.evaluate import EvalItem, firm_rule
+    from workers.training.datasets import DocumentData, build_training_set
+    from workers.training.peft_trainer import train_lora
+
+    settings = Settings()
+    pipeline = settings.pipeline
+    rule = firm_rule(settings)
+    budget = NamespaceSettings().max_forgetting
+    doc_a, doc_b = load_doc(args.data, args.first), load_doc(args.data, args.second)
+    items = {
+        key: [EvalItem(d.title, p.question, (p.answer,)) for p in d.probes]
+        for key, d in (("A", doc_a), ("B", doc_b))
+    }
+    model_dir = args.model or resolve_model_dir(settings, progress=False)
+    engine, chat = start_engine(model_dir)
+    cache = WorkCache(args.work_dir)
+    result: dict[str, Any] = {
+        "first": doc_a.id,
+        "second": doc_b.id,
+        "firm": rule.describe() if rule else "greedy",
+        "max_forgetting": budget,
+        "variants": variants,
+        "runs": [],
+    }
+
+    async def answers(model: str) -> dict[str, Asked]:
+        return {key: await ask(chat, model, its, rule) for key, its in items.items()}
+
+    try:
+        pairs = await anchor_pairs(chat, cache, asyncio.Semaphore(64))
+        edits_a = await kept_self_edits(chat, doc_a, cache)
+        edits_b = await kept_self_edits(chat, doc_b, cache)
+        data_a = DocumentData(doc_a.title, doc_a.text, tuple(edits_a))
+        data_b = DocumentData(doc_b.title, doc_b.text, tuple(edits_b))
+        first_dir = args.work_dir / f"first-{doc_a.id}"
+        if not (first_dir / "adapter_config.json").is_file():
+            seqs = build_training_set([data_a], seed="first").sequences
+            examples = job_examples(
+                seqs, pairs, anchor_fraction=pipeline.anchor_fraction, seed="first"
+            )
+            hyper = variant_hyper({"threads": 2}, len(examples), seed=pipeline.seed)
+            logger.info("training document A's adapter (%d steps)", hyper.steps)
+            await asyncio.to_thread(train_lora, model_dir, examples, first_dir, hyper)
+        chat.add_adapter("champion", first_dir)
+        champion = await answers("champion")
+        result["champion"] = {k: asdict(v) for k, v in champion.items()}
+        logger.info("champion (A's adapter): %s", result["champion"])
+        if champion["A"].answered == 0:
+            logger.warning("the champion answers none of A's questions: retention is moot")
+        for v in variants:
+            for seed in range(args.seeds):
+                data = build_training_set(
+                    [data_b],
+                    [data_a],
+                    replay_fraction=v.get("replay_fraction", pipeline.replay_fraction),
+                    replay_passages=v.get("replay_passages", pipeline.replay_passages),
+                    max_edit_segments=pipeline.max_edit_segments,
+                    seed=seed,
+                )
+                fraction = v.get("anchor_fraction", pipeline.anchor_fraction)
+                examples = job_examples(data.sequences, pairs, anchor_fraction=fraction, seed=seed)
+                hyper = variant_hyper({"threads": 2, **v}, len(examples), seed=seed)
+                out = args.work_dir / "adapters" / f"{v['name']}-{seed}-{time.time_ns()}"
+                started = time.monotonic()
+                trained = await asyncio.to_thread(
+                    train_lora, model_dir, examples, out, hyper, init_adapter_dir=first_dir
+                )
+                train_s = time.monotonic() - started
+                name = f"{v['name']}-{seed}"
+                chat.add_adapter(name, out)
+                asked = await answers(name)
+                chat.remove_adapter(name)
+                row = {
+                    "variant": v["name"],
+                    "seed": seed,
+                    "sequences": data.sources,
+                    "steps": hyper.steps,
+                    "train_s": round(train_s, 1),
+                    "loss": round(trained.final_loss, 4),
+                    "A": asdict(asked["A"]),
+                    "B": asdict(asked["B"]),
+                    "champion_a_answered": champion["A"].answered,
+                    "passes": passes(champion, asked, budget),
+                }
+                logger.info("%s", json.dumps(row))
+                result["runs"].append(row)
+                result["summary"] = summarize(result["runs"])
+                result["machine"] = machine()
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        await engine.shutdown()
+    for name, s in result.get("summary", {}).items():
+        logger.info("%s: %s", name, json.dumps(s))
+
+
+def main() -> None:
+    exit_on_sigterm()
+    p = argparse.ArgumentParser(prog="python -m bench.retention", description=__doc__)
+    p.add_argument("--variants", type=Path, help="JSON list of variants (default: replay rules)")
+    p.add_argument("--seeds", type=int, default=4, help="trainings per variant")
+    p.add_argument("--data", type=Path, default=DATA, help="SQuAD-schema JSONL")
+    p.add_argument("--first", type=int, default=0, help="document A's index in --data")
+    p.add_argument("--second", type=int, default=1, help="document B's index in --data")
+    p.add_argument("--model", type=Path, help="HF model dir (default: bundled)")
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/selfadapt-bench/retain")
+    p.add_argument("--out", type=Path, default=RESULTS / "retention.json")
+    args = p.parse_args()
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    variants = json.loads(args.variants.read_text()) if args.variants else DEFAULT_VARIANTS
+    asyncio.run(run(args, variants))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""bench/retention.py and bench/doc_training.py: the gate check, the summary and the document
+loader (no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.doc_training import WorkCache, load_doc
+from bench.retention import DATA, Asked, passes, summarize
+
+CHAMPION = {"A": Asked(0.20, 2, 4), "B": Asked(0.0, 0, 4)}
+
+
+def test_a_run_passes_when_it_learns_b_and_keeps_a_within_the_budget() -> None:
+    assert passes(CHAMPION, {"A": Asked(0.16, 2, 4), "B": Asked(0.1, 1, 4)}, 0.05)
+    # A down by more than the budget
+    assert not passes(CHAMPION, {"A": Asked(0.14, 1, 4), "B": Asked(0.3, 3, 4)}, 0.05)
+    # B's F1 rose but no B question is firmly answered
+    assert not passes(CHAMPION, {"A": Asked(0.2, 2, 4), "B": Asked(0.1, 0, 4)}, 0.05)
+    # exactly at the budget passes (the gate's <=)
+    assert passes(CHAMPION, {"A": Asked(0.15, 2, 4), "B": Asked(0.1, 1, 4)}, 0.05)
+
+
+def test_summary_counts_per_variant() -> None:
+    def row(variant: str, a: int, b: int, ok: bool) -> dict[str, object]:
+        return {
+            "variant": variant,
+            "A": {"f1": 0.1 * a, "answered": a, "n": 4},
+            "B": {"f1": 0.1 * b, "answered": b, "n": 4},
+            "champion_a_answered": 2,
+            "passes": ok,
+            "train_s": 50.0,
+        }
+
+    out = summarize([row("u", 1, 2, False), row("p", 2, 1, True), row("u", 2, 3, True)])
+    assert list(out) == ["u", "p"]
+    assert out["u"]["runs"] == 2
+    assert out["u"]["passes"] == 1
+    assert out["u"]["kept_every_a_answer"] == 1
+    assert out["u"]["a_answered_mean"] == pytest.approx(1.5)
+    assert out["p"]["b_answered_mean"] == 1
+
+
+def test_load_doc_reads_the_bench_documents() -> None:
+    doc = load_doc(DATA, 0)
+    assert doc.title == "The Grelvin Archipelago"  # the e2e test's first document
+    assert len(doc.probes) == 4
+    with pytest.raises(SystemExit, match="no index 99"):
+        load_doc(DATA, 99)
+
+
+def test_work_cache_computes_once(tmp_path: Path) -> None:
+    calls = []
+
+    async def make() -> list[int]:
+        calls.append(1)
+        return [1, 2]
+
+    cache = WorkCache(tmp_path / "w")
+    assert asyncio.run(cache.get("x.json", make)) == [1, 2]
+    assert asyncio.run(cache.get("x.json", make)) == [1, 2]
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "w" / "x.json").read_text()) == [1, 2]
