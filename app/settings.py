@@ -152,7 +152,12 @@ class PipelineSettings(BaseModel):
         4, ge=0, description="self-edit sequences per document (more dilute the step budget)"
     )
     replay_fraction: float = Field(
-        0.5, ge=0, description="replayed earlier sequences per new sequence"
+        1.0,
+        ge=0,
+        description=(
+            "replayed earlier sequences per new sequence (bench/retention.py: 1.0 kept more "
+            "of an earlier document than 0.5 or 2.0)"
+        ),
     )
     replay_passages: bool = Field(
         True,

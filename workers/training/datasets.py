@@ -216,7 +216,7 @@ def build_training_set(
     new_docs: Iterable[DocumentData],
     earlier_docs: Iterable[DocumentData] = (),
     *,
-    replay_fraction: float = 0.5,
+    replay_fraction: float = 1.0,
     replay_passages: bool = True,
     sentences: bool = True,
     max_edit_segments: int | None = None,
