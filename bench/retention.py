@@ -99,15 +99,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     from adapters_store.models import NamespaceSettings
     from app.model_prep import resolve_model_dir
     from app.settings import Settings
-    from bench.doc_training import (
-        WorkCache,
-        anchor_pairs,
-        job_examples,
-        kept_self_edits,
-        load_doc,
-        start_engine,
-        variant_hyper,
-    )
+    from bench import doc_training as dt
     from workers.tasks.evaluate import EvalItem, firm_rule
     from workers.training.datasets import DocumentData, build_training_set
     from workers.training.peft_trainer import train_lora
@@ -116,14 +108,14 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     pipeline = settings.pipeline
     rule = firm_rule(settings)
     budget = NamespaceSettings().max_forgetting
-    doc_a, doc_b = load_doc(args.data, args.first), load_doc(args.data, args.second)
+    doc_a, doc_b = dt.load_doc(args.data, args.first), dt.load_doc(args.data, args.second)
     items = {
         key: [EvalItem(d.title, p.question, (p.answer,)) for p in d.probes]
         for key, d in (("A", doc_a), ("B", doc_b))
     }
     model_dir = args.model or resolve_model_dir(settings, progress=False)
-    engine, chat = start_engine(model_dir)
-    cache = WorkCache(args.work_dir)
+    engine, chat = dt.start_engine(model_dir)
+    cache = dt.WorkCache(args.work_dir)
     result: dict[str, Any] = {
         "first": doc_a.id,
         "second": doc_b.id,
@@ -137,18 +129,18 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
         return {key: await ask(chat, model, its, rule) for key, its in items.items()}
 
     try:
-        pairs = await anchor_pairs(chat, cache, asyncio.Semaphore(64))
-        edits_a = await kept_self_edits(chat, doc_a, cache)
-        edits_b = await kept_self_edits(chat, doc_b, cache)
+        pairs = await dt.anchor_pairs(chat, cache, asyncio.Semaphore(64))
+        edits_a = await dt.kept_self_edits(chat, doc_a, cache)
+        edits_b = await dt.kept_self_edits(chat, doc_b, cache)
         data_a = DocumentData(doc_a.title, doc_a.text, tuple(edits_a))
         data_b = DocumentData(doc_b.title, doc_b.text, tuple(edits_b))
         first_dir = args.work_dir / f"first-{doc_a.id}"
         if not (first_dir / "adapter_config.json").is_file():
             seqs = build_training_set([data_a], seed="first").sequences
-            examples = job_examples(
+            examples = dt.job_examples(
                 seqs, pairs, anchor_fraction=pipeline.anchor_fraction, seed="first"
             )
-            hyper = variant_hyper({"threads": 2}, len(examples), seed=pipeline.seed)
+            hyper = dt.variant_hyper({"threads": 2}, len(examples), seed=pipeline.seed)
             logger.info("training document A's adapter (%d steps)", hyper.steps)
             await asyncio.to_thread(train_lora, model_dir, examples, first_dir, hyper)
         chat.add_adapter("champion", first_dir)
@@ -168,8 +160,10 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                     seed=seed,
                 )
                 fraction = v.get("anchor_fraction", pipeline.anchor_fraction)
-                examples = job_examples(data.sequences, pairs, anchor_fraction=fraction, seed=seed)
-                hyper = variant_hyper({"threads": 2, **v}, len(examples), seed=seed)
+                examples = dt.job_examples(
+                    data.sequences, pairs, anchor_fraction=fraction, seed=seed
+                )
+                hyper = dt.variant_hyper({"threads": 2, **v}, len(examples), seed=seed)
                 out = args.work_dir / "adapters" / f"{v['name']}-{seed}-{time.time_ns()}"
                 started = time.monotonic()
                 trained = await asyncio.to_thread(
