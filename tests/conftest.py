@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.support.models import (
     default_cache_root,
     fact_adapter,
 )
+from tests.support.pipeline_live import LiveWorker
 from tests.support.server import LiveServer
 
 ADAPTERS = {"zorb": ZORBLAT, "vex": VEXTORIA}
@@ -44,6 +46,32 @@ class Gateway:
     @property
     def base_url(self) -> str:
         return self.server.base_url
+
+
+def _live_logs(value: Any) -> list[tuple[str, str]]:
+    """(title, log tail) of every live gateway or worker in a fixture value."""
+    if isinstance(value, tuple):
+        return [section for item in value for section in _live_logs(item)]
+    if isinstance(value, Gateway):
+        title = f"gateway log ({value.base_url}, {value.server.state})"
+        return [(title, value.server.log_tail())]
+    if isinstance(value, LiveWorker):
+        return [("worker logs", value.logs())]
+    return []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test that used a live gateway or worker shows their logs' tails (a gateway
+    that dropped a connection says why only there)."""
+    report = yield
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            for title, text in _live_logs(value):
+                report.sections.append((title, text))
+    return report
 
 
 @pytest.fixture(scope="session")

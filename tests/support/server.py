@@ -80,6 +80,14 @@ class LiveServer:
         assert self._proc is not None, "not started"
         return self._proc.wait(timeout_s)
 
+    @property
+    def state(self) -> str:
+        """'running', 'exited with N' or 'not started' (for failure reports)."""
+        if self._proc is None:
+            return "not started"
+        code = self._proc.poll()
+        return "running" if code is None else f"exited with {code}"
+
     def log_tail(self, chars: int = 6000) -> str:
         return self._log_path.read_text(errors="replace")[-chars:]
 

@@ -91,6 +91,7 @@ def live(
             yield gateway, worker
         finally:
             worker.stop()
+            gateway.server.stop()  # before its Redis goes, and not idling to the session's end
 
 
 def _answered(client: Client, model: str, doc: dict[str, Any]) -> list[bool]:
