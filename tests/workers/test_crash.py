@@ -196,7 +196,11 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
         pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
     queue_name = f"crash-real-{uuid.uuid4().hex[:8]}"
     lease = {"lease_s": 10.0, "heartbeat_s": 2.0, "reaper_interval_s": 1.0, "batch_window_s": 0}
-    pipeline_env = {f"SELFADAPT_PIPELINE__{k.upper()}": str(v) for k, v in lease.items()}
+    # Exactly-once is the point, not learning: 40 steps (the first loss event comes at step 4,
+    # long before the end) and no training further keep the test short on a float32 CPU.
+    budget = {"max_steps": 40, "extend_steps": 0}
+    pipeline = {**lease, **budget}
+    pipeline_env = {f"SELFADAPT_PIPELINE__{k.upper()}": str(v) for k, v in pipeline.items()}
     gateway = await asyncio.to_thread(
         start_gateway,
         "crash-gateway",
@@ -208,7 +212,7 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
         data_dir=gateway.data_dir,
         model=model_dir,
         redis_url=REDIS_URL,
-        pipeline=PipelineSettings(queue_name=queue_name, **lease),
+        pipeline=PipelineSettings(queue_name=queue_name, **pipeline),
     )
     env = {
         **os.environ,
@@ -275,6 +279,7 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
             assert len(promotions) == (1 if job.decision == "promoted" else 0)
     finally:
         cluster.stop()
+        gateway.server.stop()
         await engine.dispose()
         client_ = redis.Redis.from_url(REDIS_URL)
         for key in client_.scan_iter(f"saq:{queue_name}:*"):
