@@ -1,23 +1,41 @@
-"""The engine's compute dtype: float32 on a CPU, bfloat16 on a GPU.
+"""The engine's compute dtype: bfloat16 where the hardware computes it natively, else float32.
 
-On a CPU float32 is the default even where bf16 is native (AVX-512 BF16, AMX): there a bf16
-engine's greedy answers from an adapter depended on the batch a request ran in (2026-11-27:
-a promoted champion answered 2 of its 4 probes right in a batch of 8 and neither alone; PEFT
-and a float32 engine gave the batched answers both ways), so the gate's evaluation, ~80
-requests in flight, did not predict what a lone user gets. Its cost there, measured with
-`bench.serving` (16 streams x 64 tokens, bundled model): base 138.0 vs 137.6 tokens/s, four
-adapters 60.3 vs 71.1 tokens/s. On an AVX2-only CPU bf16 is emulated and slow (20.6 vs 88.4
-tokens/s, 2026-11-25). Set ``SELFADAPT_ENGINE__DTYPE=bfloat16`` to trade that for speed.
+vLLM's CPU backend runs bfloat16 through oneDNN, which needs AVX-512 BF16 (or AMX) for real
+bf16 matmuls; on an AVX2-only CPU it falls back to slow emulated paths ("Failed to create oneDNN
+linear, fallback to torch linear"). Measured on such a 2-core EPYC (2026-11-25, bundled 135M
+model, 16 streams x 64 tokens): bfloat16 20.6 tokens/s, float32 88.4 tokens/s.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def engine_dtype(setting: str, *, on_cpu: bool) -> str:
-    """``setting`` unless it is ``auto``: then float32 on a CPU, bfloat16 on a GPU."""
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty where unreadable)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def engine_dtype(setting: str, *, on_cpu: bool, flags: frozenset[str] | None = None) -> str:
+    """``setting`` unless it is ``auto``: then bfloat16 on a GPU or a CPU with native bf16,
+    float32 on other CPUs."""
     if setting != "auto":
         return setting
-    return "float32" if on_cpu else "bfloat16"
+    if not on_cpu:
+        return "bfloat16"
+    native = (flags if flags is not None else cpu_flags()) & BF16_CPU_FLAGS
+    return "bfloat16" if native else "float32"
 
 
 def resolve_dtype(setting: str) -> str:
