@@ -62,7 +62,7 @@ def _live_logs(value: Any) -> list[tuple[str, str]]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
+    item: pytest.Item,
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failing test that used a live gateway or worker shows their logs' tails (a gateway
     that dropped a connection says why only there)."""
