@@ -205,6 +205,14 @@ class PipelineSettings(BaseModel):
             "it this many more steps once and evaluate again (0: off)"
         ),
     )
+    merge: bool = Field(
+        True,
+        description=(
+            "when the incremental candidate breaks the retention budget, train the job's "
+            "documents alone from the base and add that update to the champion's "
+            "(workers/training/merge.py; bench/retention.py); tried before consolidating"
+        ),
+    )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0

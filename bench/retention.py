@@ -11,9 +11,11 @@ B's F1 above the champion's and at least one more B question answered, A's F1 do
 ``max_forgetting``. The guard set is not asked (`bench.forgetting` measures it).
 
 A variant is a JSON object: ``name`` plus overrides of ``replay_fraction``,
-``replay_passages``, ``anchor_fraction`` and the LoRA keys `bench.doc_training.variant_hyper`
-reads. Document A's adapter is trained once (pipeline defaults) and kept in ``--work-dir``.
-Writes ``--out`` (default ``bench/results/retention.json``) after every run.
+``replay_passages``, ``anchor_fraction``, ``merge`` (true: B trained alone from the base, its
+update summed with A's, `workers.training.merge`) and the LoRA keys
+`bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
+defaults) and kept in ``--work-dir``. Writes ``--out`` (default
+``bench/results/retention.json``) after every run.
 
 Run from the repo root: ``.venv/bin/python -m bench.retention --seeds 4``.
 """
@@ -102,6 +104,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     from bench import doc_training as dt
     from workers.tasks.evaluate import EvalItem, firm_rule
     from workers.training.datasets import DocumentData, build_training_set
+    from workers.training.merge import sum_adapters
     from workers.training.peft_trainer import train_lora
 
     settings = Settings()
@@ -151,9 +154,10 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
             logger.warning("the champion answers none of A's questions: retention is moot")
         for v in variants:
             for seed in range(args.seeds):
+                merge = bool(v.get("merge"))  # B alone from the base, summed with A's
                 data = build_training_set(
                     [data_b],
-                    [data_a],
+                    [] if merge else [data_a],
                     replay_fraction=v.get("replay_fraction", pipeline.replay_fraction),
                     replay_passages=v.get("replay_passages", pipeline.replay_passages),
                     max_edit_segments=pipeline.max_edit_segments,
@@ -167,9 +171,16 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                 out = args.work_dir / "adapters" / f"{v['name']}-{seed}-{time.time_ns()}"
                 started = time.monotonic()
                 trained = await asyncio.to_thread(
-                    train_lora, model_dir, examples, out, hyper, init_adapter_dir=first_dir
+                    train_lora,
+                    model_dir,
+                    examples,
+                    out,
+                    hyper,
+                    init_adapter_dir=None if merge else first_dir,
                 )
                 train_s = time.monotonic() - started
+                if merge:
+                    out = sum_adapters([first_dir, out], out.with_name(out.name + "-sum"))
                 name = f"{v['name']}-{seed}"
                 chat.add_adapter(name, out)
                 asked = await answers(name)

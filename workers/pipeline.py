@@ -172,19 +172,37 @@ async def _stages(
         candidate, scores = await _replace(
             ctx, candidate, trained, sets, reference, why="trained further"
         )
-    consolidate = ctx.settings.pipeline.consolidate
-    first, first_scores = candidate, scores
-    if champion is not None and consolidate and (broken := promote.retention_broken(scores, gate)):
-        clock.start("consolidate")
-        await ctx.event("log", f"retention budget broken ({broken}); consolidating")
-        candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
+    tried = [(candidate, scores)]
+    if champion is not None and (broken := promote.retention_broken(scores, gate)):
+        if ctx.settings.pipeline.merge:
+            clock.start("merge")
+            await ctx.event(
+                "log",
+                f"retention budget broken ({broken}); adding this job's documents, trained "
+                f"from the base, to {champion.name}",
+            )
+            merged = train.merge_stage(ctx, inputs, champion=champion)
+            candidate, scores = await _replace(
+                ctx, candidate, merged, sets, reference, why="merged"
+            )
+            tried.append((candidate, scores))
+        if ctx.settings.pipeline.consolidate and (
+            promote.retention_broken(scores, gate) or not promote.decide(scores, gate).learned
+        ):
+            clock.start("consolidate")
+            why = promote.retention_broken(scores, gate) or f"{candidate.name} learned nothing"
+            await ctx.event("log", f"{why}; consolidating")
+            candidate, scores = await _consolidate(
+                ctx, inputs, champion, candidate, sets, reference
+            )
+            tried.append((candidate, scores))
     tries = ctx.settings.pipeline.temper_tries
-    if tries and (why := promote.forgot_only(scores, gate)):
+    if tries and (source := _temper_source(gate, tried)) is not None:
         clock.start("temper")
-        await ctx.event("log", f"{candidate.name} learned but forgot too much ({why}); tempering")
-        source = _temper_source(gate, (first, first_scores), (candidate, scores))
+        what, why = source
+        await ctx.event("log", f"{what.name} learned but forgot too much ({why}); tempering")
         candidate, scores = await _temper(
-            ctx, source, (candidate, scores), champion, sets, reference, gate, tries
+            ctx, what, (candidate, scores), champion, sets, reference, gate, tries
         )
 
     clock.start("gate")
@@ -202,21 +220,26 @@ async def _stages(
 
 
 def _temper_source(
-    gate: NamespaceSettings,
-    first: tuple[train.Candidate, dict[str, Any]],
-    last: tuple[train.Candidate, dict[str, Any]],
-) -> train.Candidate:
-    """Which candidate to temper: the last one, except that a consolidated candidate which
-    still lost earlier documents would only lose more when scaled towards the base; the
-    incremental one scaled towards the champion gets back what the champion knew."""
-    (incremental, incremental_scores), (candidate, scores) = first, last
-    if (
-        candidate is not incremental
-        and promote.retention_broken(scores, gate)
-        and promote.forgot_only(incremental_scores, gate)
-    ):
-        return incremental
-    return candidate
+    gate: NamespaceSettings, tried: list[tuple[train.Candidate, dict[str, Any]]]
+) -> tuple[train.Candidate, str] | None:
+    """Which candidate to temper, and why (``promote.forgot_only``), or None (the last one
+    tried passed the gate, or none only forgot): the last one tried when it learned but
+    forgot too much, except that one trained from the base (a consolidated one) which lost
+    earlier documents would only lose more when scaled towards the base; then the latest one
+    that adds to the champion (merged, incremental) and only forgot, scaled towards the
+    champion, gets back what the champion knew."""
+    last, last_scores = tried[-1]
+    if promote.decide(last_scores, gate).passed:
+        return None
+    why = promote.forgot_only(last_scores, gate)
+    if why and (temper.towards_champion(last) or not promote.retention_broken(last_scores, gate)):
+        return last, why
+    for earlier, earlier_scores in reversed(tried[:-1]):
+        if temper.towards_champion(earlier) and (
+            reason := promote.forgot_only(earlier_scores, gate)
+        ):
+            return earlier, reason
+    return (last, why) if why else None
 
 
 async def _temper(

@@ -479,14 +479,19 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             sessionmaker, BlobStore(tmp_path / "blobs"), None, base_model="test-base"
         )
 
-        async def make(gateway: Any, *docs: DocumentInput, attempt: int = 1) -> StageCtx:
+        async def make(
+            gateway: Any, *docs: DocumentInput, attempt: int = 1, merge: bool = True
+        ) -> StageCtx:
+            """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
+            the retention budget to consolidation (the path before merging existed)."""
             ingest = IngestService(sessionmaker, None, settings.pipeline)
             result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
             assert result.job_id is not None
+            pipeline = settings.pipeline.model_copy(update={"merge": merge})
             return StageCtx(
                 job_id=result.job_id,
                 namespace="acme",
-                settings=settings,
+                settings=settings.model_copy(update={"pipeline": pipeline}),
                 artifacts_dir=settings.data_dir / "jobs" / result.job_id / f"attempt-{attempt}",
                 sessionmaker=sessionmaker,
                 registry=registry,
@@ -985,7 +990,7 @@ async def _second_job_with_both_candidates(
 
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(answer), doc1)
+    ctx = await stage_env(ScriptedGateway(answer), doc1, merge=False)
     other = ctx.artifacts_dir.parent / "other-adapter"
     shutil.copytree(tiny_adapter, other)
     _pretrained(ctx, tiny_adapter, "incremental")
@@ -1258,7 +1263,7 @@ async def test_consolidation_registers_once_per_mode_across_a_crash(
     await _learned_first_document(stage_env, tiny_adapter)
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash)), doc1)
+    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash)), doc1, merge=False)
     _pretrained(ctx, tiny_adapter, "incremental")
     _pretrained(ctx, tiny_adapter, "consolidate")
     if crash == "after_promote":
@@ -1303,3 +1308,111 @@ async def test_consolidation_registers_once_per_mode_across_a_crash(
     # job 1: create + promote v1; job 2: create v2, create v3, promote v3 (once).
     job1 = ["version.create", "version.promote"]
     assert actions == [*job1, "version.create", "version.create", "version.promote"]
+
+
+def _update(adapter_dir: Path) -> dict[str, Any]:
+    """Each module's update (alpha / r * B @ A) of an adapter folder."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    w = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    return {k: scale * (w[k.replace(".lora_A.", ".lora_B.")] @ w[k]) for k in w if ".lora_A." in k}
+
+
+async def _second_job_that_merges(
+    stage_env: Callable[..., Any], tiny_adapter: Path, knows: dict[str, tuple[str, set[str]]]
+) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
+    """Doc1 ("Vorn") after ``_learned_first_document``, with its incremental adapter, its
+    merge part (trained alone from the base: another small adapter) and its consolidated
+    adapter already trained; returns
+    the context, the result, the job's versions by key and the part's folder."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(_qa_answers(knows)), doc1)
+    part = ctx.artifacts_dir.parent / "part"
+    shutil.copytree(tiny_adapter, part)
+    weights_file = str(part / "adapter_model.safetensors")
+    save_file({k: torch.randn_like(v) for k, v in load_file(weights_file).items()}, weights_file)
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, part, "merge-part")
+    _pretrained(ctx, tiny_adapter, "consolidate")
+    result = await run_pipeline(ctx)
+    versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")
+                if v.job_id == ctx.job_id}  # fmt: skip
+    return ctx, result, versions, part
+
+
+async def test_a_candidate_that_lost_earlier_documents_is_replaced_by_a_merge(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (incremental from v1) learned doc1 but lost doc0: the job trains doc1 alone from the
+    base and registers v3, whose update is exactly v1's plus that one; v3 knows both and is
+    promoted, v2 rejected, and nothing is consolidated."""
+    import torch
+
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+    ctx, result, versions, part = await _second_job_that_merges(stage_env, tiny_adapter, knows)
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "merge"]
+    assert versions["incremental"].status == AdapterStatus.rejected
+    merged = versions["merge"]
+    assert (merged.id, merged.version) == (result.version_id, 3)
+    v1 = await ctx.registry.resolve("acme@v1")
+    assert merged.parent_version_id == v1.version_id
+    assert (await ctx.registry.resolve("acme")).version_id == merged.id
+    assert result.scores is not None
+    assert result.scores["mode"] == "merge"
+    assert "merge" in result.timings
+    merged_dir = ctx.registry.blobs.path_for(merged.blob_sha256)
+    assert json.loads((merged_dir / "adapter_config.json").read_text())["r"] == 8
+    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
+    for key, value in _update(merged_dir).items():
+        torch.testing.assert_close(value, v1_update[key] + part_update[key])
+    manifest = json.loads((merged_dir / "manifest.json").read_text())
+    assert (manifest["mode"], manifest["parent"]) == ("merge", "acme@v1")
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("adding this job's documents, trained from the base, to acme@v1" in m
+               for m in logs), logs  # fmt: skip
+    assert not any("consolidating" in m for m in logs), logs
+
+
+async def test_a_merge_that_forgot_is_tempered_towards_the_champion_exactly(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (incremental) and v3 (merged) learned doc1 and lost doc0, v4 (consolidated) too;
+    the merge's own part x0.5 added to v1 (v5) knows both and is promoted: exactly v1's
+    update plus half the part's."""
+    import torch
+
+    both = {"acme@v1", "acme@v5"}
+    knows = {
+        "What is brewed?": ("kelloth", both),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4", "acme@v5"}),
+    }
+    ctx, result, versions, part = await _second_job_that_merges(stage_env, tiny_adapter, knows)
+    assert result.decision == "promoted", result.reasons
+    # x0.75 lost doc0 again (too large), and so did x0.625.
+    assert sorted(versions) == sorted(
+        ["incremental", "merge", "consolidate", "merge-x0.5", "merge-x0.75", "merge-x0.625"]
+    )
+    chosen = versions["merge-x0.5"]
+    assert (chosen.id, chosen.version) == (result.version_id, 5)
+    assert all(v.status == AdapterStatus.rejected for v in versions.values() if v.id != chosen.id)
+    v1 = await ctx.registry.resolve("acme@v1")
+    chosen_dir = ctx.registry.blobs.path_for(chosen.blob_sha256)
+    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
+    for key, value in _update(chosen_dir).items():
+        torch.testing.assert_close(value, v1_update[key] + 0.5 * part_update[key])
+    manifest = json.loads((chosen_dir / "manifest.json").read_text())
+    assert manifest["tempered"] == {"scale": 0.5, "towards": "parent"}
+    assert manifest["mode"] == "merge"

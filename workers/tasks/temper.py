@@ -4,12 +4,21 @@ and evaluate copies of it with the update scaled down (workers/training/temper.p
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.tasks import promote
-from workers.tasks.train import Candidate, job_version, register_once
+from workers.tasks.common import load_artifact
+from workers.tasks.train import (
+    MERGE_PART,
+    Candidate,
+    job_version,
+    merged_adapter,
+    register_once,
+)
 
 if TYPE_CHECKING:
     from adapters_store.models import NamespaceSettings
@@ -37,9 +46,10 @@ class Bisection:
 
 
 def towards_champion(candidate: Candidate) -> bool:
-    """An incremental candidate is tempered towards the champion it was trained from; a fresh
-    or consolidated one (trained from the base) towards the base."""
-    return candidate.mode.startswith("incremental")
+    """An incremental candidate is tempered towards the champion it was trained from, a
+    merged one towards the champion it adds to; a fresh or consolidated one (trained from the
+    base) towards the base."""
+    return candidate.mode.startswith(("incremental", "merge"))
 
 
 def too_large(
@@ -77,7 +87,8 @@ async def temper_stage(
     """Registers ``candidate`` with its update scaled by ``scale`` (once per job and scale).
 
     An incremental candidate moves towards ``parent`` (the champion it was trained from); a
-    fresh or consolidated one (trained from the base) towards the base.
+    merged one keeps the champion's update and adds ``scale`` times its own part's (exactly);
+    a fresh or consolidated one (trained from the base) moves towards the base.
     """
     from workers.training.temper import temper_adapter
 
@@ -86,16 +97,31 @@ async def temper_stage(
     if existing is not None:
         await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
-    blobs = ctx.registry.blobs
-    source = await ctx.registry.resolve(candidate.name)
-    source_dir = await asyncio.to_thread(blobs.path_for, source.blob_sha256)
     towards = parent if towards_champion(candidate) else None
-    parent_dir = None
-    if towards is not None:
-        parent_dir = await asyncio.to_thread(blobs.path_for, towards.blob_sha256)
-    out_dir = ctx.artifacts_dir / f"adapter-{key}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
-    await asyncio.to_thread(temper_adapter, source_dir, out_dir, scale, parent_dir=parent_dir)
+    if candidate.mode == "merge":
+        if parent is None:
+            raise ValueError(f"{candidate.name} adds to a champion, and there is none")
+        part = load_artifact(ctx.artifacts_dir, f"train-{MERGE_PART}.json")
+        if part is None:
+            raise ValueError(f"the part {candidate.name} adds to {parent.name} is gone")
+        part_dir = Path(part["adapter_dir"])
+        out_dir = await merged_adapter(ctx, parent, part_dir, key=key, weight=scale)
+        source = await ctx.registry.resolve(candidate.name)
+        source_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, source.blob_sha256)
+        manifest = source_dir / "manifest.json"
+        lineage = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        lineage["tempered"] = {"scale": scale, "towards": "parent"}
+        (out_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    else:
+        blobs = ctx.registry.blobs
+        source = await ctx.registry.resolve(candidate.name)
+        source_dir = await asyncio.to_thread(blobs.path_for, source.blob_sha256)
+        parent_dir = None
+        if towards is not None:
+            parent_dir = await asyncio.to_thread(blobs.path_for, towards.blob_sha256)
+        out_dir = ctx.artifacts_dir / f"adapter-{key}"
+        shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
+        await asyncio.to_thread(temper_adapter, source_dir, out_dir, scale, parent_dir=parent_dir)
     tempered = await register_once(
         ctx,
         out_dir,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["fresh", "incremental", "consolidate"]
+Mode = Literal["fresh", "incremental", "consolidate", "merge"]
 PROGRESS_EVERY_S = 1.0
 ENGINE_POLL_S = 1.0
 """How often a training run checks whether the engine serves requests (CPU thread budget)."""
@@ -59,7 +59,8 @@ def training_set(
     history: Sequence[LearnedDoc],
     mode: Mode,
 ) -> TrainingSet:
-    """Incremental: new + replay; fresh: new only; consolidate: everything, from the base."""
+    """Incremental: new + replay; fresh and merge: new only; consolidate: everything, from the
+    base."""
     settings = ctx.settings.pipeline
     kept: dict[str, list[str]] = {}
     for edit in edits:
@@ -145,6 +146,65 @@ async def train_stage(
     # A consolidated version is trained from the base, but it replaces the champion: its
     # lineage names it, and a retry of this job finds its way back through it.
     return await _register(ctx, adapter_dir, lineage, parent, detail=f"{len(docs)} document(s)")
+
+
+MERGE_PART = "merge-part"
+"""The artifact key of a merge candidate's own part: the job's documents trained from the base."""
+
+
+async def merge_stage(
+    ctx: StageContext, inputs: TrainInputs, *, champion: ResolvedVersion
+) -> Candidate:
+    """Trains the job's documents alone from the base (as a first version would be) and
+    registers, once per job, the adapter whose update is the champion's plus that one
+    (`workers.training.merge`): what the champion knew is kept as it was, instead of being
+    trained on from (incremental), and the new update is learned without it in the way."""
+    existing = await _registered(ctx, "merge")
+    if existing is not None:
+        return existing
+    part_dir = await merge_part(ctx, inputs)
+    out_dir = await merged_adapter(ctx, champion, part_dir, key="merge", weight=1.0)
+    data, anchors = _job_data(ctx, inputs, "merge")
+    lineage = {
+        "job_id": ctx.job_id,
+        "mode": "merge",
+        "parent": champion.name,
+        "summed": {"champion": champion.name, "documents": "this job's, trained from the base"},
+        "documents": [d.id for d in inputs.docs],
+        "self_edits": [e.id for e in inputs.edits if e.kept and e.id is not None],
+        "sequences": {**data.sources, "anchors": len(anchors)},
+    }
+    detail = f"{champion.name} + {len(inputs.docs)} document(s) trained from the base"
+    return await _register(ctx, out_dir, lineage, champion, detail=detail)
+
+
+async def merge_part(ctx: StageContext, inputs: TrainInputs) -> Path:
+    """The job's documents trained alone from the base (an earlier attempt's when it has it)."""
+    data, anchors = _job_data(ctx, inputs, "merge")
+    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
+    return await _trained_adapter(ctx, data, anchors, hyper, key=MERGE_PART, init_dir=None)
+
+
+async def merged_adapter(
+    ctx: StageContext, champion: ResolvedVersion, part_dir: Path, *, key: str, weight: float
+) -> Path:
+    """Writes ``adapter-{key}``: the champion's update plus ``weight`` times ``part_dir``'s,
+    cut to the engine's ``max_lora_rank`` when the sum is larger."""
+    import shutil
+
+    from workers.training.merge import sum_adapters
+
+    champion_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, champion.blob_sha256)
+    out_dir = ctx.artifacts_dir / f"adapter-{key}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder from a killed attempt
+    await asyncio.to_thread(
+        sum_adapters,
+        [champion_dir, part_dir],
+        out_dir,
+        weights=[1.0, weight],
+        max_rank=ctx.settings.engine.max_lora_rank,
+    )
+    return out_dir
 
 
 def extend_key(candidate: Candidate) -> str:

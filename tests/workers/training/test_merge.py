@@ -1,0 +1,93 @@
+"""Summing adapters: the written adapter's update is exactly the sum of the inputs' updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.training.merge import sum_adapters, summed_rank
+
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _adapter(path: Path, seed: int, *, rank: int = 4, alpha: int = 8, **extra: object) -> Path:
+    torch.manual_seed(seed)
+    path.mkdir(parents=True)
+    save_file(
+        {A: torch.randn(rank, 16), B: torch.randn(16, rank)},
+        str(path / "adapter_model.safetensors"),
+    )
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": ["q_proj"], **extra}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def _delta(path: Path) -> torch.Tensor:
+    """The update PEFT (and vLLM) apply: alpha / r * B @ A."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    w = load_file(str(path / "adapter_model.safetensors"))
+    scale: float = config["lora_alpha"] / config["r"]
+    return scale * (w[B] @ w[A])
+
+
+def test_the_sum_is_exact_whatever_the_ranks_and_alphas(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "one", seed=1, rank=4, alpha=8)
+    two = _adapter(tmp_path / "two", seed=2, rank=2, alpha=16)
+    assert summed_rank([one, two]) == 6
+    out = sum_adapters([one, two], tmp_path / "sum")
+    torch.testing.assert_close(_delta(out), _delta(one) + _delta(two))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (6, 6, ["q_proj"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_what_cannot_be_summed_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "one", seed=1)
+    with pytest.raises(ValueError, match="at least two"):
+        sum_adapters([one], tmp_path / "out")
+    rs = _adapter(tmp_path / "rs", seed=2, use_rslora=True)
+    with pytest.raises(ValueError, match="rsLoRA"):
+        sum_adapters([one, rs], tmp_path / "out")
+    pattern = _adapter(tmp_path / "pattern", seed=3, rank_pattern={"q_proj": 2})
+    with pytest.raises(ValueError, match="per-module"):
+        sum_adapters([one, pattern], tmp_path / "out")
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(
+        {A.replace("q_proj", "k_proj"): torch.randn(4, 16)},
+        str(other / "adapter_model.safetensors"),
+    )
+    (other / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    with pytest.raises(ValueError, match="other modules"):
+        sum_adapters([one, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError):
+        sum_adapters([one, one], tmp_path / "taken")
+
+
+def test_a_sum_over_max_rank_is_its_best_approximation_of_that_rank(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "one", seed=1, rank=4, alpha=8)
+    two = _adapter(tmp_path / "two", seed=2, rank=4, alpha=4)
+    exact = _delta(one) + _delta(two)
+    roomy = sum_adapters([one, two], tmp_path / "roomy", max_rank=8)
+    torch.testing.assert_close(_delta(roomy), exact)
+    cut = sum_adapters([one, two], tmp_path / "cut", max_rank=5)
+    assert json.loads((cut / "adapter_config.json").read_text())["r"] == 5
+    u, s, vh = torch.linalg.svd(exact.double())
+    best = (u[:, :5] * s[:5]) @ vh[:5]
+    torch.testing.assert_close(_delta(cut).double(), best, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_scale_each_update(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "one", seed=1)
+    two = _adapter(tmp_path / "two", seed=2)
+    out = sum_adapters([one, two], tmp_path / "out", weights=[1.0, 0.25])
+    torch.testing.assert_close(_delta(out), _delta(one) + 0.25 * _delta(two))
+    with pytest.raises(ValueError, match="1 weights for 2 adapters"):
+        sum_adapters([one, two], tmp_path / "bad", weights=[1.0])
