@@ -181,11 +181,16 @@ async def _stages(
                 f"retention budget broken ({broken}); adding this job's documents, trained "
                 f"from the base, to {champion.name}",
             )
-            merged = train.merge_stage(ctx, inputs, champion=champion)
-            candidate, scores = await _replace(
-                ctx, candidate, merged, sets, reference, why="merged"
-            )
-            tried.append((candidate, scores))
+            await ctx.progress("train", 0.0)
+            try:
+                merged = await train.merge_stage(ctx, inputs, champion=champion)
+            except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
+                await ctx.event("log", f"cannot add to {champion.name}: {e}")
+            else:
+                candidate, scores = await _replace(
+                    ctx, candidate, merged, sets, reference, why="merged"
+                )
+                tried.append((candidate, scores))
         if ctx.settings.pipeline.consolidate and (
             promote.retention_broken(scores, gate) or not promote.decide(scores, gate).learned
         ):
@@ -306,15 +311,19 @@ async def _consolidate(
 async def _replace(
     ctx: StageContext,
     superseded: train.Candidate,
-    trained: Coroutine[Any, Any, train.Candidate],
+    trained: Coroutine[Any, Any, train.Candidate] | train.Candidate,
     sets: dict[str, list[evaluate.EvalItem]],
     reference: dict[str, Any],
     *,
     why: str,
 ) -> tuple[train.Candidate, dict[str, Any]]:
-    """Trains a new candidate (``trained``), evaluates it, retires the one it replaces."""
-    await ctx.progress("train", 0.0)
-    candidate = await trained
+    """Trains a new candidate (``trained``, unless it is one already), evaluates it, retires
+    the one it replaces."""
+    if isinstance(trained, train.Candidate):
+        candidate = trained
+    else:
+        await ctx.progress("train", 0.0)
+        candidate = await trained
     await ctx.progress("evaluate", 0.0)
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
     await promote.retire(ctx, superseded, reason=f"superseded by {candidate.name} ({why})")

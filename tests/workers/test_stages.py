@@ -1416,3 +1416,69 @@ async def test_a_merge_that_forgot_is_tempered_towards_the_champion_exactly(
     manifest = json.loads((chosen_dir / "manifest.json").read_text())
     assert manifest["tempered"] == {"scale": 0.5, "towards": "parent"}
     assert manifest["mode"] == "merge"
+
+
+async def test_a_champion_that_cannot_be_added_to_is_consolidated_instead(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merge part cannot be summed with the champion (an rsLoRA config, as from an
+    admin's import): the job says so and consolidates, as it did before merging existed."""
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash=None)), doc1)
+    part = ctx.artifacts_dir.parent / "rslora-part"
+    shutil.copytree(tiny_adapter, part)
+    config = json.loads((part / "adapter_config.json").read_text())
+    (part / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    _pretrained(ctx, tiny_adapter, "incremental")
+    _pretrained(ctx, part, "merge-part")
+    _pretrained(ctx, tiny_adapter, "consolidate")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "promoted", result.reasons
+    versions = await _versions_by_key(ctx)
+    assert sorted(k for k, v in versions.items() if v.job_id == ctx.job_id) == [
+        "consolidate",
+        "incremental",
+    ]
+    assert result.version_id == versions["consolidate"].id
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("cannot add to acme@v1: rsLoRA adapters are not summed" in m for m in logs), logs
+
+
+def test_peft_reads_a_merged_adapter_as_the_sum(
+    tiny_adapter: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT loads a summed adapter (rank 8 from two rank-4 ones) with the scaling it was
+    written for (so a job can train on from a merged champion): each module's delta weight is
+    the sum of both adapters' delta weights."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from workers.training.merge import sum_adapters
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapter, other)
+    weights_file = str(other / "adapter_model.safetensors")
+    save_file({k: torch.randn_like(v) for k, v in load_file(weights_file).items()}, weights_file)
+    merged = sum_adapters([tiny_adapter, other], tmp_path / "merged")
+
+    def deltas(adapter: Path) -> dict[str, torch.Tensor]:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+        return {
+            name: module.get_delta_weight("default").detach()
+            for name, module in model.named_modules()
+            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {})
+        }
+
+    one, two, both = deltas(tiny_adapter), deltas(other), deltas(merged)
+    assert both
+    assert set(both) == set(one)
+    for name, delta in both.items():
+        torch.testing.assert_close(delta, one[name] + two[name], rtol=1e-4, atol=1e-5)

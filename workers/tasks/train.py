@@ -1,5 +1,6 @@
 """Train stage: PEFT LoRA SFT on the job's documents + self-edits (+ replay), registered as a
-candidate keyed by the job id (incremental from the champion, fresh, or consolidated)."""
+candidate keyed by the job id (incremental from the champion, fresh, consolidated, or merged:
+the champion's update plus the job's documents trained alone from the base)."""
 
 from __future__ import annotations
 
