@@ -1,12 +1,15 @@
 """Summing LoRA updates: one adapter whose update is exactly the sum of several adapters'.
 
 A LoRA update is ``s * B @ A`` per target module (``s`` = ``lora_alpha / r``). Stacking the
-factors, ``A' = [A1; A2]`` and ``B' = [s1 * B1, s2 * B2]`` with ``r' = r1 + r2`` and
-``lora_alpha' = r'`` (so ``s' = 1``), gives ``B' @ A' = s1 * B1 @ A1 + s2 * B2 @ A2``: the
-sum of both updates, with no approximation. The rank grows with every adapter summed; with
-``max_rank`` (the engine serves adapters up to its ``max_lora_rank``) a larger sum is cut to
-its best approximation of that rank (truncated SVD of each module's update, computed from the
-factors, Eckart-Young), which keeps the directions the updates share and drops the weakest.
+factors, ``A' = [A1; A2]`` and ``B' = [s1 / s * B1, s2 / s * B2]`` with ``r' = r1 + r2`` and
+``lora_alpha' = s * r'`` (so the scaling stays the first adapter's ``s = s1``), gives
+``s * B' @ A' = s1 * B1 @ A1 + s2 * B2 @ A2``: the sum of both updates, with no
+approximation, and adapters of the same scaling keep their factors as they were (so training
+on from the sum moves at the pace training moved them). The rank grows with every adapter
+summed; with ``max_rank`` (the engine serves adapters up to its ``max_lora_rank``) a larger
+sum is cut to its best approximation of that rank (truncated SVD of each module's update,
+computed from the factors, Eckart-Young), which keeps the directions the updates share and
+drops the weakest.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ def low_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     qa, ra = torch.linalg.qr(a.double().T)  # a = ra^T qa^T, qa: (in, R)
     u, s, vh = torch.linalg.svd(rb @ ra.T)  # b @ a = qb u diag(s) vh qa^T
     k = min(rank, s.numel())
-    new_b = (qb @ u[:, :k]) * s[:k]
-    new_a = vh[:k] @ qa.T
+    root = s[:k].sqrt()  # the singular values split evenly between the factors
+    new_b = (qb @ u[:, :k]) * root
+    new_a = root[:, None] * (vh[:k] @ qa.T)
     return new_b.to(b.dtype), new_a.to(a.dtype)
 
 
@@ -68,7 +72,8 @@ def sum_adapters(
     ``weights`` entry (1.0 each by default), to ``out_dir``, of rank ``max_rank`` at most (see
     the module's docstring).
 
-    The first adapter's config is kept, with ``r`` and ``lora_alpha`` set to the rank written.
+    The first adapter's config is kept, with ``r`` set to the rank written and ``lora_alpha``
+    to keep the first adapter's scaling.
 
     Raises:
         ValueError: fewer than two adapters, or adapters of other target modules, shapes or
@@ -85,7 +90,8 @@ def sum_adapters(
         raise FileExistsError(f"adapter directory {out_dir} already exists")
     configs = [json.loads((d / CONFIG).read_text()) for d in adapter_dirs]
     factors = list(weights) if weights is not None else [1.0] * len(configs)
-    scales = [lora_scaling(c) * w for c, w in zip(configs, factors, strict=True)]
+    scaling = lora_scaling(configs[0])  # the sum's: each B is rescaled to it
+    scales = [lora_scaling(c) * w / scaling for c, w in zip(configs, factors, strict=True)]
     tensors = [load_file(str(d / WEIGHTS)) for d in adapter_dirs]
     for d, t in zip(adapter_dirs[1:], tensors[1:], strict=True):
         if set(t) != set(tensors[0]):
@@ -97,7 +103,9 @@ def sum_adapters(
             b_key = a_key.replace(".lora_A.", ".lora_B.")
             summed[b_key], summed[a_key] = low_rank(summed[b_key], summed[a_key], max_rank)
         rank = max_rank
-    _write(out_dir, {**configs[0], "r": rank, "lora_alpha": rank}, summed)
+    alpha = scaling * rank
+    config = {**configs[0], "r": rank, "lora_alpha": int(alpha) if alpha.is_integer() else alpha}
+    _write(out_dir, config, summed)
     return out_dir
 
 

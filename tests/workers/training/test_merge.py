@@ -42,7 +42,8 @@ def test_the_sum_is_exact_whatever_the_ranks_and_alphas(tmp_path: Path) -> None:
     out = sum_adapters([one, two], tmp_path / "sum")
     torch.testing.assert_close(_delta(out), _delta(one) + _delta(two))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (6, 6, ["q_proj"])
+    # The first adapter's scaling (8 / 4) kept: alpha 12 for rank 6.
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (6, 12, ["q_proj"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
@@ -82,6 +83,16 @@ def test_a_sum_over_max_rank_is_its_best_approximation_of_that_rank(tmp_path: Pa
     u, s, vh = torch.linalg.svd(exact.double())
     best = (u[:, :5] * s[:5]) @ vh[:5]
     torch.testing.assert_close(_delta(cut).double(), best, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_of_one_scaling_keep_their_factors(tmp_path: Path) -> None:
+    one = _adapter(tmp_path / "one", seed=1, rank=4, alpha=8)
+    two = _adapter(tmp_path / "two", seed=2, rank=4, alpha=8)
+    out = sum_adapters([one, two], tmp_path / "out")
+    w1, w2, summed = (load_file(str(d / "adapter_model.safetensors")) for d in (one, two, out))
+    torch.testing.assert_close(summed[B], torch.cat([w1[B], w2[B]], dim=1))
+    torch.testing.assert_close(summed[A], torch.cat([w1[A], w2[A]], dim=0))
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16
 
 
 def test_weights_scale_each_update(tmp_path: Path) -> None:
