@@ -208,9 +208,10 @@ class PipelineSettings(BaseModel):
     merge: bool = Field(
         True,
         description=(
-            "when the incremental candidate breaks the retention budget, train the job's "
-            "documents alone from the base and add that update to the champion's "
-            "(workers/training/merge.py; bench/retention.py); tried before consolidating"
+            "when the incremental candidate breaks the retention budget or learns nothing, "
+            "train the job's documents alone from the base and add that update to the "
+            "champion's (workers/training/merge.py; bench/retention.py); tried before "
+            "consolidating, and instead of training the incremental candidate further"
         ),
     )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")

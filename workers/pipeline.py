@@ -162,7 +162,8 @@ async def _stages(
     gate = await promote.gate_settings(ctx)
     more = ctx.settings.pipeline.extend_steps
     verdict = promote.decide(scores, gate)
-    if more and not verdict.learned and promote.has_probes(scores):
+    merging = champion is not None and ctx.settings.pipeline.merge
+    if more and not verdict.learned and promote.has_probes(scores) and not merging:
         clock.start("extend")
         short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
         await ctx.event("log", f"{short}; training {more} more steps")
@@ -173,34 +174,11 @@ async def _stages(
             ctx, candidate, trained, sets, reference, why="trained further"
         )
     tried = [(candidate, scores)]
-    if champion is not None and (broken := promote.retention_broken(scores, gate)):
-        if ctx.settings.pipeline.merge:
-            clock.start("merge")
-            await ctx.event(
-                "log",
-                f"retention budget broken ({broken}); adding this job's documents, trained "
-                f"from the base, to {champion.name}",
-            )
-            await ctx.progress("train", 0.0)
-            try:
-                merged = await train.merge_stage(ctx, inputs, champion=champion)
-            except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
-                await ctx.event("log", f"cannot add to {champion.name}: {e}")
-            else:
-                candidate, scores = await _replace(
-                    ctx, candidate, merged, sets, reference, why="merged"
-                )
-                tried.append((candidate, scores))
-        if ctx.settings.pipeline.consolidate and (
-            promote.retention_broken(scores, gate) or not promote.decide(scores, gate).learned
-        ):
-            clock.start("consolidate")
-            why = promote.retention_broken(scores, gate) or f"{candidate.name} learned nothing"
-            await ctx.event("log", f"{why}; consolidating")
-            candidate, scores = await _consolidate(
-                ctx, inputs, champion, candidate, sets, reference
-            )
-            tried.append((candidate, scores))
+    if champion is not None:
+        tried = await _beyond_incremental(
+            ctx, inputs, champion, (candidate, scores), sets, reference, gate, clock
+        )
+        candidate, scores = tried[-1]
     tries = ctx.settings.pipeline.temper_tries
     if tries and (source := _temper_source(gate, tried)) is not None:
         clock.start("temper")
@@ -222,6 +200,51 @@ async def _stages(
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
     )
+
+
+async def _beyond_incremental(
+    ctx: StageContext,
+    inputs: train.TrainInputs,
+    champion: ResolvedVersion,
+    incremental: tuple[train.Candidate, dict[str, Any]],
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+    gate: NamespaceSettings,
+    clock: _Clock,
+) -> list[tuple[train.Candidate, dict[str, Any]]]:
+    """The candidates tried after the incremental one, in order, starting with it: a merged
+    one (the champion's update plus the job's documents trained alone from the base) when the
+    incremental one broke retention or learned nothing (`bench/retention.py`: the merged one
+    learned the new document far better and kept the earlier answers), then a consolidated
+    one when the last one still broke retention. Each replaces (retires) the one before."""
+    tried = [incremental]
+    candidate, scores = incremental
+    verdict = promote.decide(scores, gate)
+    short = promote.retention_broken(scores, gate)
+    if short is None and not verdict.learned and promote.has_probes(scores):
+        short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
+    if ctx.settings.pipeline.merge and short is not None:
+        clock.start("merge")
+        await ctx.event(
+            "log",
+            f"{short}; adding this job's documents, trained from the base, to {champion.name}",
+        )
+        await ctx.progress("train", 0.0)
+        try:
+            merged = await train.merge_stage(ctx, inputs, champion=champion)
+        except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
+            await ctx.event("log", f"cannot add to {champion.name}: {e}")
+        else:
+            candidate, scores = await _replace(
+                ctx, candidate, merged, sets, reference, why="merged"
+            )
+            tried.append((candidate, scores))
+    if ctx.settings.pipeline.consolidate and (broken := promote.retention_broken(scores, gate)):
+        clock.start("consolidate")
+        await ctx.event("log", f"retention budget broken ({broken}); consolidating")
+        candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
+        tried.append((candidate, scores))
+    return tried
 
 
 def _temper_source(

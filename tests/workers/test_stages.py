@@ -1482,3 +1482,22 @@ def test_peft_reads_a_merged_adapter_as_the_sum(
     assert set(both) == set(one)
     for name, delta in both.items():
         torch.testing.assert_close(delta, one[name] + two[name], rtol=1e-4, atol=1e-5)
+
+
+async def test_an_incremental_candidate_that_learned_nothing_is_replaced_by_a_merge(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (incremental) kept doc0 but answers none of doc1's probes: instead of training it
+    further, the job merges (v3: v1's update plus doc1 trained alone), which knows both."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(stage_env, tiny_adapter, knows)
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "merge"]
+    assert result.version_id == versions["merge"].id
+    assert "extend" not in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("acme@v2 did not learn" in m and "trained from the base, to acme@v1" in m
+               for m in logs), logs  # fmt: skip
