@@ -4,7 +4,6 @@ and evaluate copies of it with the update scaled down (workers/training/temper.p
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +89,7 @@ async def temper_stage(
     merged one keeps the champion's update and adds ``scale`` times its own part's (exactly);
     a fresh or consolidated one (trained from the base) moves towards the base.
     """
-    from workers.training.temper import temper_adapter
+    from workers.training.temper import temper_adapter, write_tempered_manifest
 
     key = temper_key(candidate, scale)
     existing = await job_version(ctx, key)
@@ -108,10 +107,7 @@ async def temper_stage(
         out_dir = await merged_adapter(ctx, parent, part_dir, key=key, weight=scale)
         source = await ctx.registry.resolve(candidate.name)
         source_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, source.blob_sha256)
-        manifest = source_dir / "manifest.json"
-        lineage = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        lineage["tempered"] = {"scale": scale, "towards": "parent"}
-        (out_dir / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
+        write_tempered_manifest(source_dir, out_dir, scale, towards="parent")
     else:
         blobs = ctx.registry.blobs
         source = await ctx.registry.resolve(candidate.name)

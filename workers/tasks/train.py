@@ -163,9 +163,11 @@ async def merge_stage(
     existing = await _registered(ctx, "merge")
     if existing is not None:
         return existing
-    part_dir = await merge_part(ctx, inputs)
-    out_dir = await merged_adapter(ctx, champion, part_dir, key="merge", weight=1.0)
     data, anchors = _job_data(ctx, inputs, "merge")
+    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
+    # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
+    part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=MERGE_PART, init_dir=None)
+    out_dir = await merged_adapter(ctx, champion, part_dir, key="merge", weight=1.0)
     lineage = {
         "job_id": ctx.job_id,
         "mode": "merge",
@@ -177,13 +179,6 @@ async def merge_stage(
     }
     detail = f"{champion.name} + {len(inputs.docs)} document(s) trained from the base"
     return await _register(ctx, out_dir, lineage, champion, detail=detail)
-
-
-async def merge_part(ctx: StageContext, inputs: TrainInputs) -> Path:
-    """The job's documents trained alone from the base (an earlier attempt's when it has it)."""
-    data, anchors = _job_data(ctx, inputs, "merge")
-    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
-    return await _trained_adapter(ctx, data, anchors, hyper, key=MERGE_PART, init_dir=None)
 
 
 async def merged_adapter(

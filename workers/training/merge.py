@@ -15,17 +15,14 @@ drops the weakest.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.training.adapter_files import CONFIG, WEIGHTS, atomic_dir
+
 if TYPE_CHECKING:
     import torch
-
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 
 
 def lora_scaling(config: dict[str, Any]) -> float:
@@ -39,11 +36,6 @@ def lora_scaling(config: dict[str, Any]) -> float:
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError("adapters with per-module ranks or alphas are not summed")
     return float(config["lora_alpha"]) / int(config["r"])
-
-
-def summed_rank(adapter_dirs: Sequence[Path]) -> int:
-    """The rank of the adapter ``sum_adapters`` would write for ``adapter_dirs``."""
-    return sum(int(json.loads((d / CONFIG).read_text())["r"]) for d in adapter_dirs)
 
 
 def low_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,16 +120,8 @@ def _stacked(
 
 
 def _write(out_dir: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Writes an adapter folder atomically (a temp folder renamed into place)."""
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, mode=0o755) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.training.adapter_files import atomic_dir
 from workers.training.anchor_reference import AnchorReference, StateCache
 
 if TYPE_CHECKING:
@@ -363,14 +361,5 @@ def _loss(
 
 def _save_adapter(model: Any, out_dir: Path) -> None:
     """Write adapter_config.json + adapter_model.safetensors into a temp dir, then rename."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700; other readers (the engine) need access
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
+from workers.training.adapter_files import CONFIG, MANIFEST, WEIGHTS, atomic_dir
 
 
 def temper_adapter(
@@ -50,18 +48,18 @@ def temper_adapter(
                 f"({len(mismatch)} differ, e.g. {mismatch[:1]})"
             )
         tempered = {k: parent[k] + scale * (v - parent[k]) for k, v in weights.items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, mode=0o755) as tmp:
         shutil.copy(candidate_dir / CONFIG, tmp / CONFIG)
         save_file({k: v.contiguous() for k, v in tempered.items()}, str(tmp / WEIGHTS))
-        manifest = candidate_dir / "manifest.json"
-        lineage = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        lineage["tempered"] = {"scale": scale, "towards": "parent" if parent_dir else "base"}
-        (tmp / "manifest.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        tmp.chmod(0o755)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        towards = "parent" if parent_dir else "base"
+        write_tempered_manifest(candidate_dir, tmp, scale, towards=towards)
     return out_dir
+
+
+def write_tempered_manifest(source_dir: Path, out_dir: Path, scale: float, *, towards: str) -> None:
+    """Writes ``out_dir``'s lineage manifest: ``source_dir``'s (the adapter tempered), with
+    ``tempered`` saying by what scale and towards what (``parent`` or ``base``)."""
+    manifest = source_dir / MANIFEST
+    lineage = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    lineage["tempered"] = {"scale": scale, "towards": towards}
+    (out_dir / MANIFEST).write_text(json.dumps(lineage, indent=2) + "\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.training.merge import sum_adapters, summed_rank
+from workers.training.merge import sum_adapters
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -38,7 +38,6 @@ def _delta(path: Path) -> torch.Tensor:
 def test_the_sum_is_exact_whatever_the_ranks_and_alphas(tmp_path: Path) -> None:
     one = _adapter(tmp_path / "one", seed=1, rank=4, alpha=8)
     two = _adapter(tmp_path / "two", seed=2, rank=2, alpha=16)
-    assert summed_rank([one, two]) == 6
     out = sum_adapters([one, two], tmp_path / "sum")
     torch.testing.assert_close(_delta(out), _delta(one) + _delta(two))
     config = json.loads((out / "adapter_config.json").read_text())
