@@ -214,6 +214,15 @@ class PipelineSettings(BaseModel):
             "consolidating, and instead of training the incremental candidate further"
         ),
     )
+    merge_first: bool = Field(
+        True,
+        description=(
+            "with merge on, a namespace's later jobs try the merged candidate before the "
+            "incremental one while the sum is exact (champion's rank + rank <= the engine's "
+            "max_lora_rank; bench/retention.py: it learned the new document far better); "
+            "otherwise, or when it breaks retention or learns nothing, incremental is tried"
+        ),
+    )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0

@@ -151,8 +151,7 @@ async def _stages(
     reference_task = asyncio.create_task(evaluate.reference_scores(ctx, sets, champion=champion))
     try:
         inputs = train.TrainInputs(docs, edits, learned, await anchor_task)
-        mode: train.Mode = "incremental" if champion is not None else "fresh"
-        candidate = await train.train_stage(ctx, inputs, parent=champion, mode=mode)
+        candidate = await _first_candidate(ctx, inputs, champion)
         clock.start("evaluate")
         await ctx.progress("evaluate", 0.0)
         reference = await reference_task
@@ -164,6 +163,7 @@ async def _stages(
     verdict = promote.decide(scores, gate)
     merging = champion is not None and ctx.settings.pipeline.merge
     if more and not verdict.learned and promote.has_probes(scores) and not merging:
+        mode: train.Mode = "incremental" if champion is not None else "fresh"
         clock.start("extend")
         short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
         await ctx.event("log", f"{short}; training {more} more steps")
@@ -175,7 +175,7 @@ async def _stages(
         )
     tried = [(candidate, scores)]
     if champion is not None:
-        tried = await _beyond_incremental(
+        tried = await _beyond_first(
             ctx, inputs, champion, (candidate, scores), sets, reference, gate, clock
         )
         candidate, scores = tried[-1]
@@ -202,28 +202,60 @@ async def _stages(
     )
 
 
-async def _beyond_incremental(
+async def _first_candidate(
+    ctx: StageContext, inputs: train.TrainInputs, champion: ResolvedVersion | None
+) -> train.Candidate:
+    """Fresh without a champion; else merged when merging goes first and the champion's
+    update plus this job's can be summed exactly (`train.exact_merge_refusal`); else (or
+    when the sum fails) incremental, trained on from the champion."""
+    if champion is None:
+        return await train.train_stage(ctx, inputs, parent=None, mode="fresh")
+    pipeline = ctx.settings.pipeline
+    if pipeline.merge and pipeline.merge_first:
+        refusal = await train.exact_merge_refusal(ctx, champion)
+        if refusal is None:
+            await ctx.event(
+                "log", f"adding this job's documents, trained from the base, to {champion.name}"
+            )
+            try:
+                return await train.merge_stage(ctx, inputs, champion=champion)
+            except ValueError as e:  # e.g. a champion an admin imported for other modules
+                refusal = str(e)
+        await ctx.event("log", f"training on from {champion.name}: cannot add to it ({refusal})")
+    return await train.train_stage(ctx, inputs, parent=champion, mode="incremental")
+
+
+async def _beyond_first(
     ctx: StageContext,
     inputs: train.TrainInputs,
     champion: ResolvedVersion,
-    incremental: tuple[train.Candidate, dict[str, Any]],
+    first: tuple[train.Candidate, dict[str, Any]],
     sets: dict[str, list[evaluate.EvalItem]],
     reference: dict[str, Any],
     gate: NamespaceSettings,
     clock: _Clock,
 ) -> list[tuple[train.Candidate, dict[str, Any]]]:
-    """The candidates tried after the incremental one, in order, starting with it: a merged
-    one (the champion's update plus the job's documents trained alone from the base) when the
-    incremental one broke retention or learned nothing (`bench/retention.py`: the merged one
-    learned the new document far better and kept the earlier answers), then a consolidated
-    one when the last one still broke retention. Each replaces (retires) the one before."""
-    tried = [incremental]
-    candidate, scores = incremental
+    """The candidates tried for a namespace with a champion, in order, starting with the
+    first one (merged or incremental, `_first_candidate`): when it broke retention or learned
+    nothing, the other of the two (`bench/retention.py`: the merged one learned the new
+    document far better and kept the earlier answers; training on from the champion adds no
+    rank), then a consolidated one when the last one still broke retention. Each replaces
+    (retires) the one before."""
+    tried = [first]
+    candidate, scores = first
     verdict = promote.decide(scores, gate)
     short = promote.retention_broken(scores, gate)
     if short is None and not verdict.learned and promote.has_probes(scores):
         short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
-    if ctx.settings.pipeline.merge and short is not None:
+    if short is not None and candidate.mode == "merge":
+        clock.start("incremental")
+        await ctx.event("log", f"{short}; training on from {champion.name} instead")
+        trained = train.train_stage(ctx, inputs, parent=champion, mode="incremental")
+        candidate, scores = await _replace(
+            ctx, candidate, trained, sets, reference, why="trained on from the champion"
+        )
+        tried.append((candidate, scores))
+    elif short is not None and ctx.settings.pipeline.merge:
         clock.start("merge")
         await ctx.event(
             "log",

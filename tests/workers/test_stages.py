@@ -480,14 +480,21 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         )
 
         async def make(
-            gateway: Any, *docs: DocumentInput, attempt: int = 1, merge: bool = True
+            gateway: Any,
+            *docs: DocumentInput,
+            attempt: int = 1,
+            merge: bool = True,
+            merge_first: bool = True,
         ) -> StageCtx:
             """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
-            the retention budget to consolidation (the path before merging existed)."""
+            the retention budget to consolidation (the path before merging existed);
+            ``merge_first=False`` trains on from the champion before merging (the path of a
+            champion whose sum with the job's update would not be exact)."""
             ingest = IngestService(sessionmaker, None, settings.pipeline)
             result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
             assert result.job_id is not None
-            pipeline = settings.pipeline.model_copy(update={"merge": merge})
+            update = {"merge": merge, "merge_first": merge_first}
+            pipeline = settings.pipeline.model_copy(update=update)
             return StageCtx(
                 job_id=result.job_id,
                 namespace="acme",
@@ -1088,7 +1095,7 @@ async def test_a_candidate_that_cannot_be_tempered_is_rejected_with_its_own_scor
     save_file(doubled, str(wider / "adapter_model.safetensors"))
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(answer), doc1)
+    ctx = await stage_env(ScriptedGateway(answer), doc1, merge_first=False)
     _pretrained(ctx, wider, "incremental")
     result = await run_pipeline(ctx)
 
@@ -1321,7 +1328,11 @@ def _update(adapter_dir: Path) -> dict[str, Any]:
 
 
 async def _second_job_that_merges(
-    stage_env: Callable[..., Any], tiny_adapter: Path, knows: dict[str, tuple[str, set[str]]]
+    stage_env: Callable[..., Any],
+    tiny_adapter: Path,
+    knows: dict[str, tuple[str, set[str]]],
+    *,
+    merge_first: bool = False,
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
     """Doc1 ("Vorn") after ``_learned_first_document``, with its incremental adapter, its
     merge part (trained alone from the base: another small adapter) and its consolidated
@@ -1335,7 +1346,7 @@ async def _second_job_that_merges(
     await _learned_first_document(stage_env, tiny_adapter)
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(_qa_answers(knows)), doc1)
+    ctx = await stage_env(ScriptedGateway(_qa_answers(knows)), doc1, merge_first=merge_first)
     part = ctx.artifacts_dir.parent / "part"
     shutil.copytree(tiny_adapter, part)
     weights_file = str(part / "adapter_model.safetensors")
@@ -1386,6 +1397,96 @@ async def test_a_candidate_that_lost_earlier_documents_is_replaced_by_a_merge(
     assert not any("consolidating" in m for m in logs), logs
 
 
+async def test_a_later_job_adds_its_documents_to_the_champion_first(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """With a champion (rank 4) whose sum with the job's update fits the engine's max rank,
+    the job trains its documents alone from the base and registers v2 = v1 + that update,
+    exactly, without training on from v1 first: v2 knows both and is promoted."""
+    import torch
+
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2"}),
+        "What is Vorn?": ("a moon", {"acme@v2"}),
+    }
+    ctx, result, versions, part = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["merge"]
+    merged = versions["merge"]
+    assert (merged.id, merged.version) == (result.version_id, 2)
+    assert (await ctx.registry.resolve("acme")).version_id == merged.id
+    v1 = await ctx.registry.resolve("acme@v1")
+    assert merged.parent_version_id == v1.version_id
+    merged_dir = ctx.registry.blobs.path_for(merged.blob_sha256)
+    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
+    for key, value in _update(merged_dir).items():
+        torch.testing.assert_close(value, v1_update[key] + part_update[key])
+    assert result.scores is not None
+    assert result.scores["mode"] == "merge"
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("adding this job's documents, trained from the base, to acme@v1" in m
+               for m in logs), logs  # fmt: skip
+    assert not any("training on from" in m for m in logs), logs
+
+
+async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merged v2 learned nothing of doc1: the job trains on from v1 (v3, incremental),
+    which knows both and is promoted; v2 is rejected, nothing is consolidated."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "merge"]
+    assert versions["merge"].status == AdapterStatus.rejected
+    assert (versions["incremental"].id, versions["incremental"].version) == (
+        result.version_id,
+        3,
+    )
+    assert result.scores is not None
+    assert result.scores["mode"] == "incremental"
+    assert "incremental" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("acme@v2 did not learn" in m and "training on from acme@v1 instead" in m
+               for m in logs), logs  # fmt: skip
+    assert not any("consolidating" in m for m in logs), logs
+
+
+async def test_a_champion_whose_sum_would_be_cut_is_trained_on_first(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v1 (rank 4) plus a rank-16 update does not fit an engine whose max rank is 16: the
+    job says so and trains on from v1 first (v2, incremental), which passes."""
+    from workers.pipeline import run_pipeline
+
+    await _learned_first_document(stage_env, tiny_adapter)
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2"}),
+        "What is Vorn?": ("a moon", {"acme@v2"}),
+    }
+    doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
+                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
+    ctx = await stage_env(ScriptedGateway(_qa_answers(knows)), doc1)
+    engine = ctx.settings.engine.model_copy(update={"max_lora_rank": 16})
+    ctx.settings = ctx.settings.model_copy(update={"engine": engine})
+    _pretrained(ctx, tiny_adapter, "incremental")
+    result = await run_pipeline(ctx)
+
+    assert result.decision == "promoted", result.reasons
+    versions = await _versions_by_key(ctx)
+    assert sorted(k for k, v in versions.items() if v.job_id == ctx.job_id) == ["incremental"]
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("training on from acme@v1: cannot add to it (rank 4 + 16 > 16" in m
+               for m in logs), logs  # fmt: skip
+
+
 async def test_a_merge_that_forgot_is_tempered_towards_the_champion_exactly(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
@@ -1428,7 +1529,9 @@ async def test_a_champion_that_cannot_be_added_to_is_consolidated_instead(
     await _learned_first_document(stage_env, tiny_adapter)
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(_consolidation_answers(crash=None)), doc1)
+    ctx = await stage_env(
+        ScriptedGateway(_consolidation_answers(crash=None)), doc1, merge_first=False
+    )
     part = ctx.artifacts_dir.parent / "rslora-part"
     shutil.copytree(tiny_adapter, part)
     config = json.loads((part / "adapter_config.json").read_text())

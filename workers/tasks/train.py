@@ -181,6 +181,19 @@ async def merge_stage(
     return await _register(ctx, out_dir, lineage, champion, detail=detail)
 
 
+async def exact_merge_refusal(ctx: StageContext, champion: ResolvedVersion) -> str | None:
+    """Why this job's merged candidate would not be the champion's update plus the new one
+    exactly (a config the sum refuses, or a sum above the engine's ``max_lora_rank``, cut by
+    SVD), or None when it would be."""
+    from workers.training.adapter_files import CONFIG
+    from workers.training.merge import exact_sum_refusal
+
+    champion_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, champion.blob_sha256)
+    config = json.loads((champion_dir / CONFIG).read_text())
+    settings = ctx.settings
+    return exact_sum_refusal(config, settings.pipeline.rank, settings.engine.max_lora_rank)
+
+
 async def merged_adapter(
     ctx: StageContext, champion: ResolvedVersion, part_dir: Path, *, key: str, weight: float
 ) -> Path:

@@ -38,6 +38,19 @@ def lora_scaling(config: dict[str, Any]) -> float:
     return float(config["lora_alpha"]) / int(config["r"])
 
 
+def exact_sum_refusal(config: dict[str, Any], rank: int, max_rank: int) -> str | None:
+    """Why an adapter of ``config`` plus a rank-``rank`` one cannot be summed exactly within
+    ``max_rank`` (the sum would not be written, or be cut by SVD), or None when it can."""
+    try:
+        lora_scaling(config)
+    except ValueError as e:
+        return str(e)
+    total = int(config["r"]) + rank
+    if total > max_rank:
+        return f"rank {config['r']} + {rank} > {max_rank} (the sum would be cut by SVD)"
+    return None
+
+
 def low_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(B', A')`` of rank ``rank`` whose product is the best rank-``rank``
     approximation of ``b @ a`` (exact when ``b @ a`` has no larger rank), without forming it."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.training.merge import sum_adapters
+from workers.training.merge import exact_sum_refusal, sum_adapters
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -101,3 +101,15 @@ def test_weights_scale_each_update(tmp_path: Path) -> None:
     torch.testing.assert_close(_delta(out), _delta(one) + 0.25 * _delta(two))
     with pytest.raises(ValueError, match="1 weights for 2 adapters"):
         sum_adapters([one, two], tmp_path / "bad", weights=[1.0])
+
+
+def test_an_exact_sum_is_one_within_the_max_rank_of_a_summable_config() -> None:
+    config = {"r": 16, "lora_alpha": 32}
+    assert exact_sum_refusal(config, 16, 32) is None
+    assert exact_sum_refusal(config, 17, 32) == "rank 16 + 17 > 32 (the sum would be cut by SVD)"
+    assert exact_sum_refusal({**config, "use_rslora": True}, 4, 32) == (
+        "rsLoRA adapters are not summed"
+    )
+    assert exact_sum_refusal({**config, "rank_pattern": {"q_proj": 8}}, 4, 32) == (
+        "adapters with per-module ranks or alphas are not summed"
+    )
