@@ -283,22 +283,30 @@ def _temper_source(
     gate: NamespaceSettings, tried: list[tuple[train.Candidate, dict[str, Any]]]
 ) -> tuple[train.Candidate, str] | None:
     """Which candidate to temper, and why (``promote.forgot_only``), or None (the last one
-    tried passed the gate, or none only forgot): the last one tried when it learned but
-    forgot too much, except that one trained from the base (a consolidated one) which lost
-    earlier documents would only lose more when scaled towards the base; then the latest one
-    that adds to the champion (merged, incremental) and only forgot, scaled towards the
-    champion, gets back what the champion knew."""
+    tried passed the gate, or none only forgot). Of the candidates that learned but forgot too
+    much, those that add to the champion (merged, incremental: scaled towards the champion,
+    they get back what it knew) and the last one tried when it kept the earlier documents
+    (scaled towards the base, a consolidated one that lost them would only lose more), the one
+    that learned most (answered, then F1; the latest on a tie): a scaled copy keeps part of
+    what was learned, so the most learned leaves the most room. Else the last one tried, when
+    it only forgot."""
     last, last_scores = tried[-1]
     if promote.decide(last_scores, gate).passed:
         return None
-    why = promote.forgot_only(last_scores, gate)
-    if why and (temper.towards_champion(last) or not promote.retention_broken(last_scores, gate)):
-        return last, why
-    for earlier, earlier_scores in reversed(tried[:-1]):
-        if temper.towards_champion(earlier) and (
-            reason := promote.forgot_only(earlier_scores, gate)
+    eligible = []
+    for index, (candidate, scores) in enumerate(tried):
+        why = promote.forgot_only(scores, gate)
+        if why is None:
+            continue
+        is_last = index == len(tried) - 1
+        if temper.towards_champion(candidate) or (
+            is_last and not promote.retention_broken(scores, gate)
         ):
-            return earlier, reason
+            eligible.append(((*promote.learned_amount(scores), index), candidate, why))
+    if eligible:
+        _, candidate, why = max(eligible, key=lambda e: e[0])
+        return candidate, why
+    why = promote.forgot_only(last_scores, gate)
     return (last, why) if why else None
 
 

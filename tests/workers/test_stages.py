@@ -1333,11 +1333,13 @@ async def _second_job_that_merges(
     knows: dict[str, tuple[str, set[str]]],
     *,
     merge_first: bool = False,
+    probes: Sequence[tuple[str, str]] = (("What is Vorn?", "a moon"),),
+    forgets_guard: Collection[str] = (),
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
-    """Doc1 ("Vorn") after ``_learned_first_document``, with its incremental adapter, its
-    merge part (trained alone from the base: another small adapter) and its consolidated
-    adapter already trained; returns
-    the context, the result, the job's versions by key and the part's folder."""
+    """Doc1 ("Vorn", with ``probes``) after ``_learned_first_document``, with its incremental
+    adapter, its merge part (trained alone from the base: another small adapter) and its
+    consolidated adapter already trained; returns the context, the result, the job's
+    versions by key and the part's folder."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -1345,8 +1347,9 @@ async def _second_job_that_merges(
 
     await _learned_first_document(stage_env, tiny_adapter)
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
-                         probes=[("What is Vorn?", "a moon")])  # fmt: skip
-    ctx = await stage_env(ScriptedGateway(_qa_answers(knows)), doc1, merge_first=merge_first)
+                         probes=list(probes))  # fmt: skip
+    gateway = ScriptedGateway(_qa_answers(knows, forgets_guard=forgets_guard))
+    ctx = await stage_env(gateway, doc1, merge_first=merge_first)
     part = ctx.artifacts_dir.parent / "part"
     shutil.copytree(tiny_adapter, part)
     weights_file = str(part / "adapter_model.safetensors")
@@ -1457,6 +1460,36 @@ async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
     assert any("acme@v2 did not learn" in m and "training on from acme@v1 instead" in m
                for m in logs), logs  # fmt: skip
     assert not any("consolidating" in m for m in logs), logs
+
+
+async def test_the_candidate_that_learned_most_is_tempered(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merged v2 answered both of doc1's probes but lost doc0; the incremental v3 kept doc0
+    and answered one, but lost guard answers: the job tempers v2, which learned more (seen
+    live: tempering the incremental one lost its only answer), and v2's part x0.5 added to v1
+    (v4) knows all three and is promoted."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+        "Where is Vorn?": ("around Kesh", {"acme@v2", "acme@v4"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env,
+        tiny_adapter,
+        knows,
+        merge_first=True,
+        probes=[("What is Vorn?", "a moon"), ("Where is Vorn?", "around Kesh")],
+        forgets_guard={"acme@v3"},
+    )
+    assert result.decision == "promoted", result.reasons
+    # x0.75 and x0.625 lost doc0 again (too large): only merged copies were tried.
+    assert sorted(versions) == sorted(
+        ["incremental", "merge", "merge-x0.5", "merge-x0.75", "merge-x0.625"]
+    )
+    assert result.version_id == versions["merge-x0.5"].id
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("acme@v2 learned but forgot too much (retention") for m in logs), logs
 
 
 async def test_a_champion_whose_sum_would_be_cut_is_trained_on_first(

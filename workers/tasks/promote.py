@@ -95,6 +95,13 @@ def has_probes(scores: dict[str, Any]) -> bool:
     return _value(scores["candidate"], "new", scores["metrics"]["gate"])[1] > 0
 
 
+def learned_amount(scores: dict[str, Any]) -> tuple[int, float]:
+    """How much of the new documents the candidate learned: probes answered, then the gate
+    metric on them (to rank candidates that each learned)."""
+    candidate = scores["candidate"]
+    return _answered(candidate), _value(candidate, "new", scores["metrics"]["gate"])[0]
+
+
 def forgot(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate broke the forgetting budget (retention or guard), or None."""
     return retention_broken(scores, gate) or guard_broken(scores, gate)
