@@ -1327,6 +1327,18 @@ def _update(adapter_dir: Path) -> dict[str, Any]:
     return {k: scale * (w[k.replace(".lora_A.", ".lora_B.")] @ w[k]) for k in w if ".lora_A." in k}
 
 
+def _assert_champion_plus(
+    ctx: Any, merged_dir: Path, champion: Any, part: Path, *, scale: float = 1.0
+) -> None:
+    """``merged_dir``'s update is exactly ``champion``'s plus ``scale`` times ``part``'s."""
+    import torch
+
+    before = _update(ctx.registry.blobs.path_for(champion.blob_sha256))
+    added = _update(part)
+    for key, value in _update(merged_dir).items():
+        torch.testing.assert_close(value, before[key] + scale * added[key])
+
+
 async def _second_job_that_merges(
     stage_env: Callable[..., Any],
     tiny_adapter: Path,
@@ -1369,7 +1381,6 @@ async def test_a_candidate_that_lost_earlier_documents_is_replaced_by_a_merge(
     """v2 (incremental from v1) learned doc1 but lost doc0: the job trains doc1 alone from the
     base and registers v3, whose update is exactly v1's plus that one; v3 knows both and is
     promoted, v2 rejected, and nothing is consolidated."""
-    import torch
 
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
@@ -1389,9 +1400,7 @@ async def test_a_candidate_that_lost_earlier_documents_is_replaced_by_a_merge(
     assert "merge" in result.timings
     merged_dir = ctx.registry.blobs.path_for(merged.blob_sha256)
     assert json.loads((merged_dir / "adapter_config.json").read_text())["r"] == 8
-    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
-    for key, value in _update(merged_dir).items():
-        torch.testing.assert_close(value, v1_update[key] + part_update[key])
+    _assert_champion_plus(ctx, merged_dir, v1, part)
     manifest = json.loads((merged_dir / "manifest.json").read_text())
     assert (manifest["mode"], manifest["parent"]) == ("merge", "acme@v1")
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
@@ -1406,7 +1415,6 @@ async def test_a_later_job_adds_its_documents_to_the_champion_first(
     """With a champion (rank 4) whose sum with the job's update fits the engine's max rank,
     the job trains its documents alone from the base and registers v2 = v1 + that update,
     exactly, without training on from v1 first: v2 knows both and is promoted."""
-    import torch
 
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v2"}),
@@ -1423,9 +1431,7 @@ async def test_a_later_job_adds_its_documents_to_the_champion_first(
     v1 = await ctx.registry.resolve("acme@v1")
     assert merged.parent_version_id == v1.version_id
     merged_dir = ctx.registry.blobs.path_for(merged.blob_sha256)
-    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
-    for key, value in _update(merged_dir).items():
-        torch.testing.assert_close(value, v1_update[key] + part_update[key])
+    _assert_champion_plus(ctx, merged_dir, v1, part)
     assert result.scores is not None
     assert result.scores["mode"] == "merge"
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
@@ -1526,7 +1532,6 @@ async def test_a_merge_that_forgot_is_tempered_towards_the_champion_exactly(
     """v2 (incremental) and v3 (merged) learned doc1 and lost doc0, v4 (consolidated) too;
     the merge's own part x0.5 added to v1 (v5) knows both and is promoted: exactly v1's
     update plus half the part's."""
-    import torch
 
     both = {"acme@v1", "acme@v5"}
     knows = {
@@ -1544,9 +1549,7 @@ async def test_a_merge_that_forgot_is_tempered_towards_the_champion_exactly(
     assert all(v.status == AdapterStatus.rejected for v in versions.values() if v.id != chosen.id)
     v1 = await ctx.registry.resolve("acme@v1")
     chosen_dir = ctx.registry.blobs.path_for(chosen.blob_sha256)
-    v1_update, part_update = _update(ctx.registry.blobs.path_for(v1.blob_sha256)), _update(part)
-    for key, value in _update(chosen_dir).items():
-        torch.testing.assert_close(value, v1_update[key] + 0.5 * part_update[key])
+    _assert_champion_plus(ctx, chosen_dir, v1, part, scale=0.5)
     manifest = json.loads((chosen_dir / "manifest.json").read_text())
     assert manifest["tempered"] == {"scale": 0.5, "towards": "parent"}
     assert manifest["mode"] == "merge"
