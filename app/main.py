@@ -25,6 +25,7 @@ from app.db import migrate
 from app.db.session import make_engine, make_sessionmaker
 from app.engine.base import EngineClient
 from app.errors import install_error_handlers
+from app.loop_lag import watch_loop_lag
 from app.metrics import Metrics
 from app.services.adapters import AdapterService
 from app.services.admission import Admission
@@ -150,11 +151,13 @@ def create_app(settings: Settings | None = None, *, engine: EngineClient | None 
         metrics.bind_engine_queue(eng.queue_depth)
         state = _build_state(settings, eng, metrics)
         starter = asyncio.create_task(_start_engine(eng))
+        lag_watch = asyncio.create_task(watch_loop_lag(metrics.loop_lag.observe))
         state.hotswap.start()
         try:
             yield {"app": state}
         finally:
             starter.cancel()
+            lag_watch.cancel()
             await state.hotswap.stop()
             await eng.shutdown()
             await _dispose(state)

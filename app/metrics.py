@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+LOOP_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 
 
@@ -45,6 +46,12 @@ class Metrics:
         )
         self.engine_queue = Gauge(
             "selfadapt_engine_queue_depth", "Unfinished requests inside the engine", registry=r
+        )
+        self.loop_lag = Histogram(
+            "selfadapt_event_loop_lag_seconds",
+            "How much later than asked the gateway's event loop woke a 0.25 s timer",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
         )
         self.rejected = Counter(
             "selfadapt_requests_rejected",

@@ -65,6 +65,13 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="an idle keep-alive connection is closed after this many seconds; above the "
+        "60 s idle timeout of common load balancers, and far above uvicorn's 5 s, which closed "
+        "a polling client's connection under it when the event loop stalled",
+    )
 
 
 class PipelineSettings(BaseModel):

@@ -68,6 +68,7 @@ def _run_gateway(settings: Settings) -> None:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
+        timeout_keep_alive=settings.server.keep_alive_s,
         timeout_graceful_shutdown=10,
     )
 

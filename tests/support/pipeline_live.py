@@ -92,8 +92,22 @@ class Client:
         body: dict[str, Any] = r.json()
         return body
 
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        """A GET, sent again (up to twice) when the connection broke before an answer, as the
+        worker's client and the openai client do: a pooled keep-alive connection can be closed
+        by the server just as a request goes out (seen in CI: "Server disconnected without
+        sending a response" while polling a job). A gateway that is down fails all three."""
+        for attempt in range(3):
+            try:
+                return self.http.get(path, **kwargs)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
+
     def job(self, job_id: str) -> dict[str, Any]:
-        r = self.http.get(f"/v1/adaptation/jobs/{job_id}")
+        r = self.get(f"/v1/adaptation/jobs/{job_id}")
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body
@@ -111,7 +125,7 @@ class Client:
         out: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": 100}
         while True:
-            r = self.http.get(f"/v1/adaptation/jobs/{job_id}/events", params=params)
+            r = self.get(f"/v1/adaptation/jobs/{job_id}/events", params=params)
             assert r.status_code == 200, r.text
             page = r.json()
             out.extend(page["data"])
