@@ -239,7 +239,12 @@ class PipelineSettings(BaseModel):
     eval_concurrency: int = Field(
         32, ge=1, description="evaluation (and anchor) requests in flight at once"
     )
-    retention_sample: int = Field(8, ge=0, description="earlier probes re-asked per job")
+    retention_sample: int = Field(
+        16,
+        ge=0,
+        description="earlier probes re-asked per job, spread over the earlier documents (each "
+        "document once before any twice); the candidate answers them with the guard set",
+    )
     guard_path: Path | None = Field(None, description="guard QA JSONL; default: bundled set")
     guard_metric: Literal["f1", "em", "contains"] = "contains"
     gate_metric: Literal["f1", "em", "contains"] = "f1"

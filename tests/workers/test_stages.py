@@ -307,6 +307,25 @@ def test_gate_needs_more_answered_probes_than_the_champion() -> None:
     assert learned.reasons[0].endswith("; 2/4 probes answered vs 1/4")
 
 
+def test_retention_sample_asks_every_earlier_document_before_any_twice() -> None:
+    docs = [
+        Doc(f"d{i}", f"T{i}", "text", tuple(Probe(f"q{i}-{j}", f"a{i}-{j}") for j in range(4)))
+        for i in range(6)
+    ] + [Doc("none", "T", "text")]  # a document without probes adds nothing
+    sample = evaluate.retention_sample(docs, 8, seed="job-1")
+    per_doc = [sum(item.title == f"T{i}" for item in sample) for i in range(6)]
+    assert len(sample) == 8
+    assert sorted(per_doc) == [1, 1, 1, 1, 2, 2], per_doc
+    assert len({item.question for item in sample}) == 8
+    assert evaluate.retention_sample(docs, 8, seed="job-1") == sample  # every attempt alike
+    assert evaluate.retention_sample(docs, 8, seed="job-2") != sample
+    assert len(evaluate.retention_sample(docs, 100, seed="job-1")) == 24
+    four = evaluate.retention_sample(docs, 4, seed="job-1")
+    assert len({item.title for item in four}) == 4
+    assert evaluate.retention_sample(docs, 0, seed="job-1") == []
+    assert evaluate.retention_sample([], 8, seed="job-1") == []
+
+
 def test_firm_rule_counts_greedy_answers_the_samples_back() -> None:
     rule = evaluate.FirmRule(samples=4, temperature=0.5, share=0.5)
     assert rule.need == 2
