@@ -159,19 +159,9 @@ async def _stages(
         reference_task.cancel()
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
     gate = await promote.gate_settings(ctx)
-    more = ctx.settings.pipeline.extend_steps
-    verdict = promote.decide(scores, gate)
-    merging = champion is not None and ctx.settings.pipeline.merge
-    if more and not verdict.learned and promote.has_probes(scores) and not merging:
-        mode: train.Mode = "incremental" if champion is not None else "fresh"
-        clock.start("extend")
-        short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
-        await ctx.event("log", f"{short}; training {more} more steps")
-        # The gate then judges the result on the same held-out probes (neither run trained
-        # on them): a job gets two tries at its gain, as tempering gets several scales.
-        trained = train.extend_stage(ctx, inputs, candidate, mode=mode, parent=champion, steps=more)
-        candidate, scores = await _replace(
-            ctx, candidate, trained, sets, reference, why="trained further"
+    if champion is None or not ctx.settings.pipeline.merge:
+        candidate, scores = await _train_further(
+            ctx, inputs, (candidate, scores), champion, sets, reference, gate, clock
         )
     tried = [(candidate, scores)]
     if champion is not None:
@@ -200,6 +190,34 @@ async def _stages(
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
     )
+
+
+async def _train_further(
+    ctx: StageContext,
+    inputs: train.TrainInputs,
+    current: tuple[train.Candidate, dict[str, Any]],
+    champion: ResolvedVersion | None,
+    sets: dict[str, list[evaluate.EvalItem]],
+    reference: dict[str, Any],
+    gate: NamespaceSettings,
+    clock: _Clock,
+) -> tuple[train.Candidate, dict[str, Any]]:
+    """``current`` trained `extend_steps` more (once per candidate), evaluated, replacing it,
+    when it did not learn its documents; else ``current`` as it is. The gate then judges the
+    result on the same held-out probes (neither run trained on them): a job gets two tries at
+    its gain, as tempering gets several scales."""
+    candidate, scores = current
+    more = ctx.settings.pipeline.extend_steps
+    verdict = promote.decide(scores, gate)
+    if not more or verdict.learned or not promote.has_probes(scores):
+        return current
+    mode: train.Mode = "incremental" if champion is not None else "fresh"
+    clock.start("extend")
+    await ctx.event(
+        "log", f"{candidate.name} did not learn ({verdict.reasons[0]}); training {more} more steps"
+    )
+    trained = train.extend_stage(ctx, inputs, candidate, mode=mode, parent=champion, steps=more)
+    return await _replace(ctx, candidate, trained, sets, reference, why="trained further")
 
 
 async def _first_candidate(
@@ -239,8 +257,9 @@ async def _beyond_first(
     first one (merged or incremental, `_first_candidate`): when it broke retention or learned
     nothing, the other of the two (`bench/retention.py`: the merged one learned the new
     document far better and kept the earlier answers; training on from the champion adds no
-    rank), then a consolidated one when the last one still broke retention. Each replaces
-    (retires) the one before."""
+    rank; that incremental one, when it kept the earlier documents but learned nothing, is
+    trained further as a first version is), then a consolidated one when the last one still
+    broke retention. Each replaces (retires) the one before."""
     tried = [first]
     candidate, scores = first
     verdict = promote.decide(scores, gate)
@@ -254,6 +273,11 @@ async def _beyond_first(
         candidate, scores = await _replace(
             ctx, candidate, trained, sets, reference, why="trained on from the champion"
         )
+        if not promote.retention_broken(scores, gate):
+            # When it learned nothing either, it gets the second try a first version gets.
+            candidate, scores = await _train_further(
+                ctx, inputs, (candidate, scores), champion, sets, reference, gate, clock
+            )
         tried.append((candidate, scores))
     elif short is not None and ctx.settings.pipeline.merge:
         clock.start("merge")

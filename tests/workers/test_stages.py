@@ -1388,6 +1388,7 @@ async def _second_job_that_merges(
     _pretrained(ctx, tiny_adapter, "incremental")
     _pretrained(ctx, part, "merge-part")
     _pretrained(ctx, tiny_adapter, "consolidate")
+    _pretrained(ctx, tiny_adapter, "incremental-more")
     result = await run_pipeline(ctx)
     versions = {(v.note or "").split(":")[0]: v for v in await ctx.registry.list_versions("acme")
                 if v.job_id == ctx.job_id}  # fmt: skip
@@ -1484,6 +1485,34 @@ async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
     assert any("acme@v2 did not learn" in m and "training on from acme@v1 instead" in m
                for m in logs), logs  # fmt: skip
+    assert not any("consolidating" in m for m in logs), logs
+
+
+async def test_an_incremental_candidate_after_a_merge_learning_nothing_is_trained_further(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """Neither the merged v2 nor the incremental v3 learned doc1, and both kept doc0: v3 gets
+    a first version's second try (v4, trained further from v3), knows both and is promoted;
+    v2 and v3 are rejected."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v4"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "incremental-more", "merge"]
+    assert versions["merge"].status == AdapterStatus.rejected
+    assert versions["incremental"].status == AdapterStatus.rejected
+    further = versions["incremental-more"]
+    assert (further.id, further.version) == (result.version_id, 4)
+    assert further.parent_version_id == (await ctx.registry.resolve("acme@v1")).version_id
+    assert "extend" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("acme@v3 did not learn") and m.endswith("training 50 more steps")
+               for m in logs), logs  # fmt: skip
+    assert any("superseded by acme@v4 (trained further)" in m for m in logs), logs
     assert not any("consolidating" in m for m in logs), logs
 
 
