@@ -255,17 +255,22 @@ async def _beyond_first(
 ) -> list[tuple[train.Candidate, dict[str, Any]]]:
     """The candidates tried for a namespace with a champion, in order, starting with the
     first one (merged or incremental, `_first_candidate`): when it broke retention or learned
-    nothing, the other of the two (`bench/retention.py`: the merged one learned the new
-    document far better and kept the earlier answers; training on from the champion adds no
-    rank; that incremental one, when it kept the earlier documents but learned nothing, is
-    trained further as a first version is), then a consolidated one when the last one still
-    broke retention. Each replaces (retires) the one before."""
+    nothing (a merged one: or broke the guard), the other of the two (`bench/retention.py`:
+    the merged one learned the new document far better and kept the earlier answers; training
+    on from the champion adds no rank; that incremental one, when it kept the earlier
+    documents but learned nothing, is trained further as a first version is), then a
+    consolidated one when the last one still broke retention. Each replaces (retires) the one
+    before."""
     tried = [first]
     candidate, scores = first
     verdict = promote.decide(scores, gate)
     short = promote.retention_broken(scores, gate)
     if short is None and not verdict.learned and promote.has_probes(scores):
         short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
+    if short is None and candidate.mode == "merge":
+        # The sum carries the champion's drift from the base plus the new part's; training on
+        # from the champion is pulled back to the base's answers on the anchors.
+        short = promote.guard_broken(scores, gate)
     if short is not None and candidate.mode == "merge":
         clock.start("incremental")
         await ctx.event("log", f"{short}; training on from {champion.name} instead")

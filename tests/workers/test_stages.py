@@ -1516,6 +1516,29 @@ async def test_an_incremental_candidate_after_a_merge_learning_nothing_is_traine
     assert not any("consolidating" in m for m in logs), logs
 
 
+async def test_a_merge_first_that_broke_only_the_guard_trains_on_from_the_champion(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merged v2 learned doc1 and kept doc0 but lost guard answers (the champion's drift
+    from the base plus the part's; seen live: 0.92 of the guard): the job trains on from v1
+    (v3), which knows both and keeps the guard, and promotes it instead of tempering v2."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, forgets_guard={"acme@v2"}
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "merge"]
+    assert versions["merge"].status == AdapterStatus.rejected
+    assert result.version_id == versions["incremental"].id
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("guard contains fell from") and m.endswith(
+        "training on from acme@v1 instead") for m in logs), logs  # fmt: skip
+    assert not any("tempering" in m for m in logs), logs
+
+
 async def test_the_candidate_that_learned_most_is_tempered(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
