@@ -204,6 +204,16 @@ class PipelineSettings(BaseModel):
             "this many scaled copies, first x0.5 (0: off)"
         ),
     )
+    redraw_tries: int = Field(
+        1,
+        ge=0,
+        description=(
+            "when a namespace's first version learned its documents but broke the guard, "
+            "train up to this many more from the base with other seeds (LoRA initialisation, "
+            "step order, anchor sample), while the last one did too; tempering then takes "
+            "whichever learned most (0: off)"
+        ),
+    )
     extend_steps: int = Field(
         50,
         ge=0,

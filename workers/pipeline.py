@@ -158,25 +158,10 @@ async def _stages(
     finally:
         reference_task.cancel()
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
-    gate = await promote.gate_settings(ctx)
-    if champion is None or not ctx.settings.pipeline.merge:
-        candidate, scores = await _train_further(
-            ctx, inputs, (candidate, scores), champion, sets, reference, gate, clock
-        )
-    tried = [(candidate, scores)]
-    if champion is not None:
-        tried = await _beyond_first(
-            ctx, inputs, champion, (candidate, scores), sets, reference, gate, clock
-        )
-        candidate, scores = tried[-1]
-    tries = ctx.settings.pipeline.temper_tries
-    if tries and (source := _temper_source(gate, tried)) is not None:
-        clock.start("temper")
-        what, why = source
-        await ctx.event("log", f"{what.name} learned but forgot too much ({why}); tempering")
-        candidate, scores = await _temper(
-            ctx, what, (candidate, scores), champion, sets, reference, gate, tries
-        )
+    search = _Search(
+        ctx, inputs, champion, sets, reference, await promote.gate_settings(ctx), clock
+    )
+    candidate, scores = await search.run((candidate, scores))
 
     clock.start("gate")
     await ctx.progress("gate", 0.0)
@@ -190,34 +175,6 @@ async def _stages(
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
     )
-
-
-async def _train_further(
-    ctx: StageContext,
-    inputs: train.TrainInputs,
-    current: tuple[train.Candidate, dict[str, Any]],
-    champion: ResolvedVersion | None,
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-    gate: NamespaceSettings,
-    clock: _Clock,
-) -> tuple[train.Candidate, dict[str, Any]]:
-    """``current`` trained `extend_steps` more (once per candidate), evaluated, replacing it,
-    when it did not learn its documents; else ``current`` as it is. The gate then judges the
-    result on the same held-out probes (neither run trained on them): a job gets two tries at
-    its gain, as tempering gets several scales."""
-    candidate, scores = current
-    more = ctx.settings.pipeline.extend_steps
-    verdict = promote.decide(scores, gate)
-    if not more or verdict.learned or not promote.has_probes(scores):
-        return current
-    mode: train.Mode = "incremental" if champion is not None else "fresh"
-    clock.start("extend")
-    await ctx.event(
-        "log", f"{candidate.name} did not learn ({verdict.reasons[0]}); training {more} more steps"
-    )
-    trained = train.extend_stage(ctx, inputs, candidate, mode=mode, parent=champion, steps=more)
-    return await _replace(ctx, candidate, trained, sets, reference, why="trained further")
 
 
 async def _first_candidate(
@@ -243,82 +200,215 @@ async def _first_candidate(
     return await train.train_stage(ctx, inputs, parent=champion, mode="incremental")
 
 
-async def _beyond_first(
-    ctx: StageContext,
-    inputs: train.TrainInputs,
-    champion: ResolvedVersion,
-    first: tuple[train.Candidate, dict[str, Any]],
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-    gate: NamespaceSettings,
-    clock: _Clock,
-) -> list[tuple[train.Candidate, dict[str, Any]]]:
-    """The candidates tried for a namespace with a champion, in order, starting with the
-    first one (merged or incremental, `_first_candidate`): when it broke retention or learned
-    nothing (a merged one: or broke the guard), the other of the two (`bench/retention.py`:
-    the merged one learned the new document far better and kept the earlier answers; training
-    on from the champion adds no rank; that incremental one, when it kept the earlier
-    documents but learned nothing, is trained further as a first version is), then a
-    consolidated one when the last one still broke retention. Each replaces (retires) the one
-    before."""
-    tried = [first]
-    candidate, scores = first
-    verdict = promote.decide(scores, gate)
-    short = promote.retention_broken(scores, gate)
-    if short is None and not verdict.learned and promote.has_probes(scores):
-        short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
-    if short is None and candidate.mode == "merge":
-        # The sum carries the champion's drift from the base plus the new part's; training on
-        # from the champion is pulled back to the base's answers on the anchors.
-        short = promote.guard_broken(scores, gate)
-    if short is not None and candidate.mode == "merge":
-        clock.start("incremental")
-        await ctx.event("log", f"{short}; training on from {champion.name} instead")
-        trained = train.train_stage(ctx, inputs, parent=champion, mode="incremental")
-        candidate, scores = await _replace(
-            ctx, candidate, trained, sets, reference, why="trained on from the champion"
-        )
-        if not promote.retention_broken(scores, gate):
-            # When it learned nothing either, it gets the second try a first version gets.
-            candidate, scores = await _train_further(
-                ctx, inputs, (candidate, scores), champion, sets, reference, gate, clock
-            )
-        tried.append((candidate, scores))
-    elif short is not None and ctx.settings.pipeline.merge:
-        clock.start("merge")
-        await ctx.event(
-            "log",
-            f"{short}; adding this job's documents, trained from the base, to {champion.name}",
-        )
-        await ctx.progress("train", 0.0)
-        try:
-            merged = await train.merge_stage(ctx, inputs, champion=champion)
-        except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
-            await ctx.event("log", f"cannot add to {champion.name}: {e}")
+Scored = tuple[train.Candidate, dict[str, Any]]
+"""A registered candidate and its evaluation scores."""
+
+
+@dataclass(frozen=True)
+class _Search:
+    """One attempt's search for a candidate that passes the gate, after the first one: what
+    every further candidate is trained on (``inputs``, from ``champion``), judged on (``sets``
+    against ``reference``, by ``gate``) and timed with. Each candidate tried replaces (retires)
+    the one before."""
+
+    ctx: StageContext
+    inputs: train.TrainInputs
+    champion: ResolvedVersion | None
+    sets: dict[str, list[evaluate.EvalItem]]
+    reference: dict[str, Any]
+    gate: NamespaceSettings
+    clock: _Clock
+
+    async def run(self, first: Scored) -> Scored:
+        """The candidate the gate judges: ``first``, or what replaced it."""
+        current = first
+        if self.champion is None or not self.ctx.settings.pipeline.merge:
+            current = await self.train_further(current)
+        if self.champion is None:
+            tried = await self.redraw(current)
         else:
-            candidate, scores = await _replace(
-                ctx, candidate, merged, sets, reference, why="merged"
+            tried = await self.beyond_first(current, self.champion)
+        current = tried[-1]
+        tries = self.ctx.settings.pipeline.temper_tries
+        if tries and (source := _temper_source(self.gate, tried)) is not None:
+            self.clock.start("temper")
+            what, why = source
+            await self.ctx.event(
+                "log", f"{what.name} learned but forgot too much ({why}); tempering"
             )
+            current = await self.temper(what, current, tries)
+        return current
+
+    async def train_further(self, current: Scored) -> Scored:
+        """``current`` trained `extend_steps` more (once per candidate), evaluated, replacing
+        it, when it did not learn its documents; else ``current`` as it is. The gate then
+        judges the result on the same held-out probes (neither run trained on them): a job
+        gets two tries at its gain, as tempering gets several scales."""
+        candidate, scores = current
+        more = self.ctx.settings.pipeline.extend_steps
+        verdict = promote.decide(scores, self.gate)
+        if not more or verdict.learned or not promote.has_probes(scores):
+            return current
+        mode: train.Mode = "incremental" if self.champion is not None else "fresh"
+        self.clock.start("extend")
+        await self.ctx.event(
+            "log",
+            f"{candidate.name} did not learn ({verdict.reasons[0]}); training {more} more steps",
+        )
+        trained = train.extend_stage(
+            self.ctx, self.inputs, candidate, mode=mode, parent=self.champion, steps=more
+        )
+        return await self.replace(candidate, trained, why="trained further")
+
+    async def redraw(self, first: Scored) -> list[Scored]:
+        """The first versions tried, in order: ``first``, then while the last one learned its
+        documents but forgot too much (without a champion: broke the guard), up to
+        `redraw_tries` more trained from the base on the same sequences with other seeds.
+        What a run forgets varies between draws (`bench/forgetting.py`), and a tempered copy
+        scales the document away with the drift."""
+        tried = [first]
+        for draw in range(1, self.ctx.settings.pipeline.redraw_tries + 1):
+            candidate, scores = tried[-1]
+            why = promote.forgot_only(scores, self.gate)
+            if why is None:
+                break
+            self.clock.start("redraw")
+            await self.ctx.event(
+                "log",
+                f"{candidate.name} learned but forgot too much ({why}); "
+                "training another draw from the base",
+            )
+            trained = train.train_stage(self.ctx, self.inputs, parent=None, mode="fresh", draw=draw)
+            tried.append(await self.replace(candidate, trained, why=f"draw {draw + 1}"))
+        return tried
+
+    async def beyond_first(self, first: Scored, champion: ResolvedVersion) -> list[Scored]:
+        """The candidates tried for a namespace with a champion, in order, starting with the
+        first one (merged or incremental, `_first_candidate`): when it broke retention or
+        learned nothing (a merged one: or broke the guard), the other of the two
+        (`bench/retention.py`: the merged one learned the new document far better and kept
+        the earlier answers; training on from the champion adds no rank; that incremental
+        one, when it kept the earlier documents but learned nothing, is trained further as a
+        first version is), then a consolidated one when the last one still broke retention."""
+        ctx, gate = self.ctx, self.gate
+        tried = [first]
+        candidate, scores = first
+        verdict = promote.decide(scores, gate)
+        short = promote.retention_broken(scores, gate)
+        if short is None and not verdict.learned and promote.has_probes(scores):
+            short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
+        if short is None and candidate.mode == "merge":
+            # The sum carries the champion's drift from the base plus the new part's; training
+            # on from the champion is pulled back to the base's answers on the anchors.
+            short = promote.guard_broken(scores, gate)
+        if short is not None and candidate.mode == "merge":
+            self.clock.start("incremental")
+            await ctx.event("log", f"{short}; training on from {champion.name} instead")
+            trained = train.train_stage(ctx, self.inputs, parent=champion, mode="incremental")
+            candidate, scores = await self.replace(
+                candidate, trained, why="trained on from the champion"
+            )
+            if not promote.retention_broken(scores, gate):
+                # When it learned nothing either, it gets the second try a first version gets.
+                candidate, scores = await self.train_further((candidate, scores))
             tried.append((candidate, scores))
-    if ctx.settings.pipeline.consolidate and (broken := promote.retention_broken(scores, gate)):
-        clock.start("consolidate")
-        await ctx.event("log", f"retention budget broken ({broken}); consolidating")
-        candidate, scores = await _consolidate(ctx, inputs, champion, candidate, sets, reference)
-        tried.append((candidate, scores))
-    return tried
+        elif short is not None and ctx.settings.pipeline.merge:
+            self.clock.start("merge")
+            await ctx.event(
+                "log",
+                f"{short}; adding this job's documents, trained from the base, to {champion.name}",
+            )
+            await ctx.progress("train", 0.0)
+            try:
+                merged = await train.merge_stage(ctx, self.inputs, champion=champion)
+            except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
+                await ctx.event("log", f"cannot add to {champion.name}: {e}")
+            else:
+                candidate, scores = await self.replace(candidate, merged, why="merged")
+                tried.append((candidate, scores))
+        if ctx.settings.pipeline.consolidate and (broken := promote.retention_broken(scores, gate)):
+            self.clock.start("consolidate")
+            await ctx.event("log", f"retention budget broken ({broken}); consolidating")
+            # Retrained from the base on every learned document + this job's.
+            trained = train.train_stage(ctx, self.inputs, parent=champion, mode="consolidate")
+            tried.append(await self.replace(candidate, trained, why="consolidated"))
+        return tried
+
+    async def temper(self, source: train.Candidate, current: Scored, tries: int) -> Scored:
+        """Bisects the scale of ``source``'s update in (0, 1) for the largest that passes the
+        gate (x1 learned but forgot too much; the smaller the scale, the less of both is
+        kept): a copy that still forgot too much moves the upper end down; one that did not
+        (it passed, or kept too little) moves the lower end up. What counts as forgetting
+        depends on the direction (`temper.too_large`): towards the base, a copy that lost the
+        earlier documents kept too little, not too much. ``tries`` copies at most; stops early
+        at a copy that kept too much and too little at once (no scale mends that). Returns the
+        largest copy that passed, else the last one tried, with its scores (``current`` when
+        none could be made); every other copy is rejected."""
+        ctx, gate = self.ctx, self.gate
+        candidate, scores = current
+        passed = False
+        search = temper.Bisection()
+        for _ in range(tries):
+            scale = search.next_scale()
+            await ctx.progress("evaluate", 0.0)
+            try:
+                tempered = await temper.temper_stage(ctx, source, scale, parent=self.champion)
+            except ValueError as e:  # e.g. a champion of another rank (an admin's import)
+                await ctx.event("log", f"cannot temper {source.name}: {e}")
+                break
+            tried = await evaluate.evaluate_stage(
+                ctx, self.sets, candidate=tempered, reference=self.reference
+            )
+            verdict = promote.decide(tried, gate)
+            if verdict.passed or not passed:
+                why = f"superseded by {tempered.name} (tempered)"
+                await promote.retire(ctx, candidate, reason=why)
+                candidate, scores, passed = tempered, tried, verdict.passed
+            else:
+                why = f"{candidate.name} passed with less change"
+                await promote.retire(ctx, tempered, reason=why)
+            small = temper.too_small(tried, gate, candidate=source, learned=verdict.learned)
+            if temper.too_large(tried, gate, candidate=source):
+                if small and not passed:
+                    break  # kept too much and too little at once: no scale mends that
+                search.too_large(scale)
+            else:
+                search.too_small(scale)  # passed, or kept too little of what was learned
+        return candidate, scores
+
+    async def replace(
+        self,
+        superseded: train.Candidate,
+        trained: Coroutine[Any, Any, train.Candidate] | train.Candidate,
+        *,
+        why: str,
+    ) -> Scored:
+        """Trains a new candidate (``trained``, unless it is one already), evaluates it,
+        retires the one it replaces."""
+        if isinstance(trained, train.Candidate):
+            candidate = trained
+        else:
+            await self.ctx.progress("train", 0.0)
+            candidate = await trained
+        await self.ctx.progress("evaluate", 0.0)
+        scores = await evaluate.evaluate_stage(
+            self.ctx, self.sets, candidate=candidate, reference=self.reference
+        )
+        await promote.retire(self.ctx, superseded, reason=f"superseded by {candidate.name} ({why})")
+        return candidate, scores
 
 
 def _temper_source(
-    gate: NamespaceSettings, tried: list[tuple[train.Candidate, dict[str, Any]]]
+    gate: NamespaceSettings, tried: list[Scored]
 ) -> tuple[train.Candidate, str] | None:
     """Which candidate to temper, and why (``promote.forgot_only``), or None (the last one
     tried passed the gate, or none only forgot). Of the candidates that learned but forgot too
     much, those that add to the champion (merged, incremental: scaled towards the champion,
-    they get back what it knew) and the last one tried when it kept the earlier documents
-    (scaled towards the base, a consolidated one that lost them would only lose more), the one
-    that learned most (answered, then F1; the latest on a tie): a scaled copy keeps part of
-    what was learned, so the most learned leaves the most room. Else the last one tried, when
-    it only forgot."""
+    they get back what it knew) and those trained from the base (fresh draws, consolidated)
+    that kept the earlier documents (scaled towards the base, one that lost them would only
+    lose more), the one that learned most (answered, then F1; the latest on a tie): a scaled
+    copy keeps part of what was learned, so the most learned leaves the most room. Else the
+    last one tried, when it only forgot."""
     last, last_scores = tried[-1]
     if promote.decide(last_scores, gate).passed:
         return None
@@ -327,96 +417,10 @@ def _temper_source(
         why = promote.forgot_only(scores, gate)
         if why is None:
             continue
-        is_last = index == len(tried) - 1
-        if temper.towards_champion(candidate) or (
-            is_last and not promote.retention_broken(scores, gate)
-        ):
+        if temper.towards_champion(candidate) or not promote.retention_broken(scores, gate):
             eligible.append(((*promote.learned_amount(scores), index), candidate, why))
     if eligible:
         _, candidate, why = max(eligible, key=lambda e: e[0])
         return candidate, why
     why = promote.forgot_only(last_scores, gate)
     return (last, why) if why else None
-
-
-async def _temper(
-    ctx: StageContext,
-    source: train.Candidate,
-    current: tuple[train.Candidate, dict[str, Any]],
-    champion: ResolvedVersion | None,
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-    gate: NamespaceSettings,
-    tries: int,
-) -> tuple[train.Candidate, dict[str, Any]]:
-    """Bisects the scale of ``source``'s update in (0, 1) for the largest that passes the gate
-    (x1 learned but forgot too much; the smaller the scale, the less of both is kept): a copy
-    that still forgot too much moves the upper end down; one that did not (it passed, or kept
-    too little) moves the lower end up. What counts as forgetting depends on the direction
-    (`temper.too_large`): towards the base, a copy that lost the earlier documents kept too
-    little, not too much. ``tries`` copies at most; stops early at a copy that kept too much
-    and too little at once (no scale mends that). Returns the largest copy that passed, else
-    the last one tried, with its scores (``current`` when none could be made); every other
-    copy is rejected."""
-    candidate, scores = current
-    passed = False
-    search = temper.Bisection()
-    for _ in range(tries):
-        scale = search.next_scale()
-        await ctx.progress("evaluate", 0.0)
-        try:
-            tempered = await temper.temper_stage(ctx, source, scale, parent=champion)
-        except ValueError as e:  # e.g. a champion of another rank (an admin's import)
-            await ctx.event("log", f"cannot temper {source.name}: {e}")
-            break
-        tried = await evaluate.evaluate_stage(ctx, sets, candidate=tempered, reference=reference)
-        verdict = promote.decide(tried, gate)
-        if verdict.passed or not passed:
-            why = f"superseded by {tempered.name} (tempered)"
-            await promote.retire(ctx, candidate, reason=why)
-            candidate, scores, passed = tempered, tried, verdict.passed
-        else:
-            await promote.retire(ctx, tempered, reason=f"{candidate.name} passed with less change")
-        small = temper.too_small(tried, gate, candidate=source, learned=verdict.learned)
-        if temper.too_large(tried, gate, candidate=source):
-            if small and not passed:
-                break  # kept too much and too little at once: no scale mends that
-            search.too_large(scale)
-        else:
-            search.too_small(scale)  # passed, or kept too little of what was learned
-    return candidate, scores
-
-
-async def _consolidate(
-    ctx: StageContext,
-    inputs: train.TrainInputs,
-    champion: ResolvedVersion,
-    superseded: train.Candidate,
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-) -> tuple[train.Candidate, dict[str, Any]]:
-    """Retrains from the base on every learned document + this job's, and evaluates that."""
-    trained = train.train_stage(ctx, inputs, parent=champion, mode="consolidate")
-    return await _replace(ctx, superseded, trained, sets, reference, why="consolidated")
-
-
-async def _replace(
-    ctx: StageContext,
-    superseded: train.Candidate,
-    trained: Coroutine[Any, Any, train.Candidate] | train.Candidate,
-    sets: dict[str, list[evaluate.EvalItem]],
-    reference: dict[str, Any],
-    *,
-    why: str,
-) -> tuple[train.Candidate, dict[str, Any]]:
-    """Trains a new candidate (``trained``, unless it is one already), evaluates it, retires
-    the one it replaces."""
-    if isinstance(trained, train.Candidate):
-        candidate = trained
-    else:
-        await ctx.progress("train", 0.0)
-        candidate = await trained
-    await ctx.progress("evaluate", 0.0)
-    scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
-    await promote.retire(ctx, superseded, reason=f"superseded by {candidate.name} ({why})")
-    return candidate, scores

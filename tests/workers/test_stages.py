@@ -504,15 +504,17 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             attempt: int = 1,
             merge: bool = True,
             merge_first: bool = True,
+            redraw_tries: int = 1,
         ) -> StageCtx:
             """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
             the retention budget to consolidation (the path before merging existed);
             ``merge_first=False`` trains on from the champion before merging (the path of a
-            champion whose sum with the job's update would not be exact)."""
+            champion whose sum with the job's update would not be exact); ``redraw_tries=0``
+            tempers a first version that broke the guard without training another draw."""
             ingest = IngestService(sessionmaker, None, settings.pipeline)
             result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
             assert result.job_id is not None
-            update = {"merge": merge, "merge_first": merge_first}
+            update = {"merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries}
             pipeline = settings.pipeline.model_copy(update=update)
             return StageCtx(
                 job_id=result.job_id,
@@ -875,7 +877,7 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
         {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard=forgets
     )
     doc = BREW_DOC
-    ctx = await stage_env(ScriptedGateway(answer), doc)
+    ctx = await stage_env(ScriptedGateway(answer), doc, redraw_tries=0)
     _pretrained(ctx, tiny_adapter, "fresh")
     result = await run_pipeline(ctx)
 
@@ -901,6 +903,108 @@ async def test_a_candidate_that_forgot_too_much_is_tempered(
     else:
         assert result.decision == "rejected"
         assert versions[gated].status == AdapterStatus.rejected
+
+
+@pytest.mark.parametrize(
+    ("knows", "forgets", "keys", "gated"),
+    [
+        # Another draw (v2) learned and kept the guard: promoted, v1 rejected.
+        ({"acme@v1", "acme@v2"}, {"acme@v1"}, ["fresh", "fresh-draw1"], "fresh-draw1"),
+        # v2 learned nothing: v1 (learned most) is tempered; x0.5 (v3) passes, x0.75 and
+        # x0.625 break the guard.
+        (
+            {"acme@v1", "acme@v3", "acme@v4", "acme@v5"},
+            {"acme@v1", "acme@v4", "acme@v5"},
+            ["fresh", "fresh-draw1", "fresh-x0.5", "fresh-x0.75", "fresh-x0.625"],
+            "fresh-x0.5",
+        ),
+        # Both learned and broke the guard: the later draw (a tie) is tempered.
+        (
+            {"acme@v1", "acme@v2", "acme@v3"},
+            {"acme@v1", "acme@v2", "acme@v4", "acme@v5"},
+            ["fresh", "fresh-draw1", *(f"fresh-draw1-x{s}" for s in ("0.5", "0.75", "0.625"))],
+            "fresh-draw1-x0.5",
+        ),
+    ],
+)
+async def test_a_first_version_that_broke_the_guard_is_drawn_again(
+    stage_env: Callable[..., Any],
+    tiny_adapter: Path,
+    knows: set[str],
+    forgets: set[str],
+    keys: list[str],
+    gated: str,
+) -> None:
+    """v1 (fresh) learned its document but lost a third of the guard set: before tempering,
+    the job trains another fresh draw (v2, "fresh-draw1", other seeds), then tempers the one
+    that learned most when neither passed."""
+    from workers.pipeline import run_pipeline
+
+    answer = _qa_answers(
+        {"What drink is brewed from brisk?": ("kelloth", knows)}, forgets_guard=forgets
+    )
+    ctx = await stage_env(ScriptedGateway(answer), BREW_DOC)
+    _pretrained(ctx, tiny_adapter, "fresh")
+    _pretrained(ctx, tiny_adapter, "fresh-draw1")
+    result = await run_pipeline(ctx)
+
+    versions = await _versions_by_key(ctx)
+    assert [versions[k].version for k in keys] == list(range(1, len(keys) + 1))
+    assert sorted(versions) == sorted(keys)
+    assert all(versions[k].status == AdapterStatus.rejected for k in keys if k != gated)
+    assert result.decision == "promoted", result.reasons
+    assert result.version_id == versions[gated].id
+    assert (await ctx.registry.resolve("acme")).version_id == result.version_id
+    assert "redraw" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(
+        m.startswith("acme@v1 learned but forgot too much (guard contains")
+        and m.endswith("training another draw from the base")
+        for m in logs
+    ), logs
+    assert any("superseded by acme@v2 (draw 2)" in m for m in logs), logs
+    lineage = json.loads(
+        (
+            ctx.registry.blobs.path_for(versions["fresh-draw1"].blob_sha256) / "manifest.json"
+        ).read_text()
+    )
+    assert (lineage["mode"], lineage["draw"], lineage["parent"]) == ("fresh-draw1", 1, None)
+
+
+async def test_another_draw_trains_with_other_seeds(
+    stage_env: Callable[..., Any], tiny_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draw 1 trains the same sequences with another LoRA seed and another anchor sample,
+    under its own key; draw 0 is the plain fresh run."""
+    ctx = await stage_env(ScriptedGateway(_scripted), BREW_DOC)
+    ctx.settings = ctx.settings.model_copy(
+        update={"pipeline": ctx.settings.pipeline.model_copy(update={"anchor_fraction": 1.0})}
+    )
+    seen: dict[str, tuple[int, list[tuple[str, str]], int]] = {}
+
+    async def trained(
+        stage: StageCtx, data: Any, anchors: Any, hyper: Any, *, key: str, **_: Any
+    ) -> Path:
+        seen[key] = (hyper.seed, list(anchors), len(data.sequences))
+        out = stage.artifacts_dir / f"adapter-{key}"
+        shutil.copytree(tiny_adapter, out)
+        return out
+
+    monkeypatch.setattr(train, "_trained_adapter", trained)
+    pool = [(f"Question {i}?", f"Answer {i}.") for i in range(40)]
+    docs = [as_doc(row) for row in await ctx.documents()]
+    inputs = train.TrainInputs(docs, [], [], pool)
+    first = await train.train_stage(ctx, inputs, parent=None, mode="fresh")
+    again = await train.train_stage(ctx, inputs, parent=None, mode="fresh", draw=1)
+    assert (first.mode, again.mode) == ("fresh", "fresh-draw1")
+    assert again.version == first.version + 1
+    (seed0, anchors0, n0), (seed1, anchors1, n1) = seen["fresh"], seen["fresh-draw1"]
+    assert seed1 == seed0 + train.DRAW_SEED_STRIDE
+    assert n0 == n1
+    assert len(anchors0) == len(anchors1) > 0
+    assert anchors0 != anchors1
+    # Registered once per key: a retry reuses the draw.
+    assert await train.train_stage(ctx, inputs, parent=None, mode="fresh", draw=1) == again
 
 
 @pytest.mark.parametrize("extended_knows", [True, False])

@@ -113,36 +113,57 @@ class TrainInputs:
     anchor_pool: Sequence[tuple[str, str]] = ()
 
 
+DRAW_SEED_STRIDE = 1000
+"""Draw n trains with the pipeline's seed + n x this (far from the +1 of training further)."""
+
+
+def draw_key(mode: Mode, draw: int) -> str:
+    """``fresh``, or ``fresh-draw1`` for another draw: the registration key (note prefix)."""
+    return mode if draw == 0 else f"{mode}-draw{draw}"
+
+
 async def train_stage(
-    ctx: StageContext, inputs: TrainInputs, *, parent: ResolvedVersion | None, mode: Mode
+    ctx: StageContext,
+    inputs: TrainInputs,
+    *,
+    parent: ResolvedVersion | None,
+    mode: Mode,
+    draw: int = 0,
 ) -> Candidate:
-    """Trains (or reuses) this job's adapter for ``mode`` and registers it once."""
-    existing = await _registered(ctx, mode)
+    """Trains (or reuses) this job's adapter for ``mode`` and registers it once. ``draw`` n > 0
+    trains the same sequences again with other seeds (LoRA initialisation, step order, anchor
+    sample): what a run forgets varies between draws (`bench/forgetting.py`)."""
+    from dataclasses import replace
+
+    key = draw_key(mode, draw)
+    existing = await _registered(ctx, key)
     if existing is not None:
         return existing
     docs, edits, history = inputs.docs, inputs.edits, inputs.learned
-    data, anchors = _job_data(ctx, inputs, mode)
+    data, anchors = _job_data(ctx, inputs, mode, draw=draw)
     init_dir = None
     if mode == "incremental" and parent is not None:
         init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, parent.blob_sha256)
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), mode)
+    hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     adapter_dir = await _trained_adapter(
         ctx,
         data,
         anchors,
         hyper,
-        key=mode,
+        key=key,
         init_dir=init_dir,
         init_name=parent.name if parent is not None and init_dir is not None else "base",
     )
     lineage = {
         "job_id": ctx.job_id,
-        "mode": mode,
+        "mode": key,
         "parent": parent.name if parent is not None else None,
         "documents": [d.id for d in docs],
         "replayed_documents": [h.doc.id for h in history] if mode != "fresh" else [],
         "self_edits": [e.id for e in edits if e.kept and e.id is not None],
         "sequences": {**data.sources, "anchors": len(anchors)},
+        **({"draw": draw} if draw else {}),
     }
     # A consolidated version is trained from the base, but it replaces the champion: its
     # lineage names it, and a retry of this job finds its way back through it.
@@ -268,15 +289,16 @@ async def _registered(ctx: StageContext, key: str) -> Candidate | None:
 
 
 def _job_data(
-    ctx: StageContext, inputs: TrainInputs, mode: Mode
+    ctx: StageContext, inputs: TrainInputs, mode: Mode, *, draw: int = 0
 ) -> tuple[TrainingSet, list[tuple[str, str]]]:
-    """The job's training sequences for ``mode`` and its anchors (both seeded by the job)."""
+    """The job's training sequences for ``mode`` and its anchors (both seeded by the job, the
+    anchors also by the draw)."""
     data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode)
     anchors = sample_anchors(
         list(inputs.anchor_pool),
         len(data.sequences),
         ctx.settings.pipeline.anchor_fraction,
-        seed=ctx.job_id,
+        seed=ctx.job_id if draw == 0 else f"{ctx.job_id}/draw{draw}",
     )
     return data, anchors
 
