@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -133,8 +133,6 @@ async def train_stage(
     """Trains (or reuses) this job's adapter for ``mode`` and registers it once. ``draw`` n > 0
     trains the same sequences again with other seeds (LoRA initialisation, step order, anchor
     sample): what a run forgets varies between draws (`bench/forgetting.py`)."""
-    from dataclasses import replace
-
     key = draw_key(mode, draw)
     existing = await _registered(ctx, key)
     if existing is not None:
@@ -254,8 +252,6 @@ async def extend_stage(
     """Trains ``source`` (this job's ``mode`` candidate, which did not learn its documents)
     ``steps`` more optimizer steps on the same training set in a new order; registers it once
     per job."""
-    from dataclasses import replace
-
     key = extend_key(source)
     existing = await _registered(ctx, key)
     if existing is not None:
@@ -368,8 +364,6 @@ async def _trained_adapter(
 ) -> Path:
     """The adapter folder: an earlier attempt's finished one, else a new training run (from
     ``init_dir``'s adapter when given, else a fresh LoRA)."""
-    from dataclasses import replace
-
     artifact = f"train-{key}.json"
     cached = load_artifact(ctx.artifacts_dir, artifact)
     if cached is not None and (Path(cached["adapter_dir"]) / "adapter_config.json").is_file():
