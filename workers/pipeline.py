@@ -356,9 +356,7 @@ class _Search:
             except ValueError as e:  # e.g. a champion of another rank (an admin's import)
                 await ctx.event("log", f"cannot temper {source.name}: {e}")
                 break
-            tried = await evaluate.evaluate_stage(
-                ctx, self.sets, candidate=tempered, reference=self.reference
-            )
+            tried = await self.evaluate(tempered)
             verdict = promote.decide(tried, gate)
             if verdict.passed or not passed:
                 why = f"superseded by {tempered.name} (tempered)"
@@ -391,11 +389,15 @@ class _Search:
             await self.ctx.progress("train", 0.0)
             candidate = await trained
         await self.ctx.progress("evaluate", 0.0)
-        scores = await evaluate.evaluate_stage(
-            self.ctx, self.sets, candidate=candidate, reference=self.reference
-        )
+        scores = await self.evaluate(candidate)
         await promote.retire(self.ctx, superseded, reason=f"superseded by {candidate.name} ({why})")
         return candidate, scores
+
+    async def evaluate(self, candidate: train.Candidate) -> dict[str, Any]:
+        """``candidate``'s scores on this job's evaluation sets, next to the reference's."""
+        return await evaluate.evaluate_stage(
+            self.ctx, self.sets, candidate=candidate, reference=self.reference
+        )
 
 
 def _temper_source(
