@@ -208,10 +208,11 @@ class PipelineSettings(BaseModel):
         1,
         ge=0,
         description=(
-            "when a namespace's first version learned its documents but broke the guard, "
-            "train up to this many more from the base with other seeds (LoRA initialisation, "
-            "step order, anchor sample), while the last one did too; tempering then takes "
-            "whichever learned most (0: off)"
+            "when a namespace's first version learned its documents but broke the guard, or "
+            "a later job's merged candidate learned them but broke retention or the guard, "
+            "train up to this many more of it (the merged one: its part) from the base with "
+            "other seeds (LoRA initialisation, step order, anchor sample), while the last one "
+            "did too; tempering then takes whichever learned most (0: off)"
         ),
     )
     extend_steps: int = Field(

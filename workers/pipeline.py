@@ -261,11 +261,13 @@ class _Search:
         return await self.replace(candidate, trained, why="trained further")
 
     async def redraw(self, first: Scored) -> list[Scored]:
-        """The first versions tried, in order: ``first``, then while the last one learned its
-        documents but forgot too much (without a champion: broke the guard), up to
-        `redraw_tries` more trained from the base on the same sequences with other seeds.
-        What a run forgets varies between draws (`bench/forgetting.py`), and a tempered copy
-        scales the document away with the drift."""
+        """The candidates trained from the base tried, in order: ``first`` (a first version,
+        or a merged candidate: the champion plus this job's part trained from the base), then
+        while the last one learned its documents but forgot too much (a first version: broke
+        the guard; a merged one: retention or guard), up to `redraw_tries` more of the same
+        kind on the same sequences with other seeds. What a run forgets varies between draws
+        (`bench/forgetting.py`, `bench/retention.py`), and a tempered copy scales the document
+        away with the drift."""
         tried = [first]
         for draw in range(1, self.ctx.settings.pipeline.redraw_tries + 1):
             candidate, scores = tried[-1]
@@ -273,35 +275,46 @@ class _Search:
             if why is None:
                 break
             self.clock.start("redraw")
+            trained: Coroutine[Any, Any, train.Candidate]
+            if candidate.merged and self.champion is not None:
+                what = "another draw of its part"
+                trained = train.merge_stage(
+                    self.ctx, self.inputs, champion=self.champion, draw=draw
+                )
+            else:
+                what = "another draw"
+                trained = train.train_stage(
+                    self.ctx, self.inputs, parent=None, mode="fresh", draw=draw
+                )
             await self.ctx.event(
                 "log",
                 f"{candidate.name} learned but forgot too much ({why}); "
-                "training another draw from the base",
+                f"training {what} from the base",
             )
-            trained = train.train_stage(self.ctx, self.inputs, parent=None, mode="fresh", draw=draw)
             tried.append(await self.replace(candidate, trained, why=f"draw {draw + 1}"))
         return tried
 
     async def beyond_first(self, first: Scored, champion: ResolvedVersion) -> list[Scored]:
         """The candidates tried for a namespace with a champion, in order, starting with the
-        first one (merged or incremental, `_first_candidate`): when it broke retention or
-        learned nothing (a merged one: or broke the guard), the other of the two
+        first one (merged or incremental, `_first_candidate`; a merged one that learned but
+        forgot too much is drawn again first, `redraw`): when it broke retention or learned
+        nothing (a merged one: or broke the guard), the other of the two
         (`bench/retention.py`: the merged one learned the new document far better and kept
         the earlier answers; training on from the champion adds no rank; that incremental
         one, when it kept the earlier documents but learned nothing, is trained further as a
         first version is), then a consolidated one when the last one still broke retention."""
         ctx, gate = self.ctx, self.gate
-        tried = [first]
-        candidate, scores = first
+        tried = await self.redraw(first) if first[0].merged else [first]
+        candidate, scores = tried[-1]
         verdict = promote.decide(scores, gate)
         short = promote.retention_broken(scores, gate)
         if short is None and not verdict.learned and promote.has_probes(scores):
             short = f"{candidate.name} did not learn ({verdict.reasons[0]})"
-        if short is None and candidate.mode == "merge":
+        if short is None and candidate.merged:
             # The sum carries the champion's drift from the base plus the new part's; training
             # on from the champion is pulled back to the base's answers on the anchors.
             short = promote.guard_broken(scores, gate)
-        if short is not None and candidate.mode == "merge":
+        if short is not None and candidate.merged:
             self.clock.start("incremental")
             await ctx.event("log", f"{short}; training on from {champion.name} instead")
             trained = train.train_stage(ctx, self.inputs, parent=champion, mode="incremental")
@@ -324,8 +337,8 @@ class _Search:
             except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
                 await ctx.event("log", f"cannot add to {champion.name}: {e}")
             else:
-                candidate, scores = await self.replace(candidate, merged, why="merged")
-                tried.append((candidate, scores))
+                tried.extend(await self.redraw(await self.replace(candidate, merged, why="merged")))
+                candidate, scores = tried[-1]
         if ctx.settings.pipeline.consolidate and (broken := promote.retention_broken(scores, gate)):
             self.clock.start("consolidate")
             await ctx.event("log", f"retention budget broken ({broken}); consolidating")

@@ -1462,6 +1462,17 @@ def _assert_champion_plus(
         torch.testing.assert_close(value, before[key] + scale * added[key])
 
 
+def _random_copy(adapter: Path, out: Path) -> Path:
+    """A copy of ``adapter`` with random weights of the same shapes (another small adapter)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights_file = str(out / "adapter_model.safetensors")
+    save_file({k: torch.randn_like(v) for k, v in load_file(weights_file).items()}, weights_file)
+    return out
+
+
 async def _second_job_that_merges(
     stage_env: Callable[..., Any],
     tiny_adapter: Path,
@@ -1470,27 +1481,26 @@ async def _second_job_that_merges(
     merge_first: bool = False,
     probes: Sequence[tuple[str, str]] = (("What is Vorn?", "a moon"),),
     forgets_guard: Collection[str] = (),
+    redraw_tries: int = 0,
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
     """Doc1 ("Vorn", with ``probes``) after ``_learned_first_document``, with its incremental
-    adapter, its merge part (trained alone from the base: another small adapter) and its
-    consolidated adapter already trained; returns the context, the result, the job's
-    versions by key and the part's folder."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
+    adapter, its merge part (trained alone from the base: another small adapter), the part's
+    second draw (another one, in the job's folder as ``part-draw1``) and its consolidated
+    adapter already trained; ``redraw_tries=0`` (the default) goes from a merged candidate
+    that forgot on without drawing its part again. Returns the context, the result, the
+    job's versions by key and the part's folder."""
     from workers.pipeline import run_pipeline
 
     await _learned_first_document(stage_env, tiny_adapter)
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=list(probes))  # fmt: skip
     gateway = ScriptedGateway(_qa_answers(knows, forgets_guard=forgets_guard))
-    ctx = await stage_env(gateway, doc1, merge_first=merge_first)
-    part = ctx.artifacts_dir.parent / "part"
-    shutil.copytree(tiny_adapter, part)
-    weights_file = str(part / "adapter_model.safetensors")
-    save_file({k: torch.randn_like(v) for k, v in load_file(weights_file).items()}, weights_file)
+    ctx = await stage_env(gateway, doc1, merge_first=merge_first, redraw_tries=redraw_tries)
+    part = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part")
+    draw = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part-draw1")
     _pretrained(ctx, tiny_adapter, "incremental")
     _pretrained(ctx, part, "merge-part")
+    _pretrained(ctx, draw, "merge-part-draw1")
     _pretrained(ctx, tiny_adapter, "consolidate")
     _pretrained(ctx, tiny_adapter, "incremental-more")
     result = await run_pipeline(ctx)
@@ -1671,6 +1681,106 @@ async def test_the_candidate_that_learned_most_is_tempered(
     assert result.version_id == versions["merge-x0.5"].id
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
     assert any(m.startswith("acme@v2 learned but forgot too much (retention") for m in logs), logs
+
+
+async def test_a_merge_that_learned_but_forgot_is_drawn_again(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merged v2 learned doc1 but lost doc0 (seen live: the new part interfered with one
+    of the champion's answers): before training on from the champion, the job trains its
+    part again from the base with other seeds and registers v3 = v1 + that part
+    ("merge-draw1"), which knows both and is promoted; v2 is rejected."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["merge", "merge-draw1"]
+    assert versions["merge"].status == AdapterStatus.rejected
+    drawn = versions["merge-draw1"]
+    assert (drawn.id, drawn.version) == (result.version_id, 3)
+    v1 = await ctx.registry.resolve("acme@v1")
+    assert drawn.parent_version_id == v1.version_id
+    drawn_dir = ctx.registry.blobs.path_for(drawn.blob_sha256)
+    _assert_champion_plus(ctx, drawn_dir, v1, ctx.artifacts_dir.parent / "part-draw1")
+    manifest = json.loads((drawn_dir / "manifest.json").read_text())
+    assert (manifest["mode"], manifest["draw"], manifest["parent"]) == (
+        "merge-draw1",
+        1,
+        "acme@v1",
+    )
+    assert "redraw" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("acme@v2 learned but forgot too much (retention") and m.endswith(
+        "training another draw of its part from the base") for m in logs), logs  # fmt: skip
+    assert any("superseded by acme@v3 (draw 2)" in m for m in logs), logs
+    assert not any("training on from" in m or "consolidating" in m for m in logs), logs
+
+
+async def test_a_merge_whose_draws_both_forgot_trains_on_from_the_champion(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """Both merged draws (v2, v3) learned doc1 but lost doc0: the job goes on as after one
+    merge, training on from v1 (v4, incremental), which knows both and is promoted."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1
+    )
+    assert result.decision == "promoted", result.reasons
+    assert [versions[k].version for k in ("merge", "merge-draw1", "incremental")] == [2, 3, 4]
+    assert sorted(versions) == ["incremental", "merge", "merge-draw1"]
+    assert result.version_id == versions["incremental"].id
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("retention") and m.endswith("training on from acme@v1 instead")
+               for m in logs), logs  # fmt: skip
+
+
+async def test_a_drawn_merge_is_tempered_with_its_own_part(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v2 (merged) answered one of doc1's probes, its draw v3 both, each losing doc0; the
+    incremental v4 and the consolidated v5 lost doc0 too: tempering takes v3, which learned
+    most, and adds half of its own part (not v2's) to v1 (v6), which knows all three."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v6"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4", "acme@v5", "acme@v6"}),
+        "Where is Vorn?": ("around Kesh", {"acme@v3", "acme@v6"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env,
+        tiny_adapter,
+        knows,
+        merge_first=True,
+        probes=[("What is Vorn?", "a moon"), ("Where is Vorn?", "around Kesh")],
+        redraw_tries=1,
+    )
+    assert result.decision == "promoted", result.reasons
+    order = ["merge", "merge-draw1", "incremental", "consolidate", "merge-draw1-x0.5"]
+    assert [versions[k].version for k in order] == [2, 3, 4, 5, 6]
+    chosen = versions["merge-draw1-x0.5"]
+    assert result.version_id == chosen.id
+    assert all(v.status == AdapterStatus.rejected for v in versions.values() if v.id != chosen.id)
+    v1 = await ctx.registry.resolve("acme@v1")
+    chosen_dir = ctx.registry.blobs.path_for(chosen.blob_sha256)
+    part = ctx.artifacts_dir.parent / "part-draw1"
+    _assert_champion_plus(ctx, chosen_dir, v1, part, scale=0.5)
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.startswith("acme@v3 learned but forgot too much (retention") and
+               m.endswith("tempering") for m in logs), logs  # fmt: skip
+
+
+def test_merge_part_keys() -> None:
+    """Each merged draw keeps its own part; other modes (a tempered copy too) have none."""
+    assert train.merge_part_key("merge") == "merge-part"
+    assert train.merge_part_key("merge-draw2") == "merge-part-draw2"
+    for mode in ("fresh", "incremental", "merge-x0.5", "merge-draw1-x0.5", "consolidate"):
+        assert train.merge_part_key(mode) is None
 
 
 async def test_a_champion_whose_sum_would_be_cut_is_trained_on_first(

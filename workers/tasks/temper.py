@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from workers.tasks import promote
 from workers.tasks.common import load_artifact
 from workers.tasks.train import (
-    MERGE_PART,
     Candidate,
     job_version,
+    merge_part_key,
     merged_adapter,
     register_once,
 )
@@ -97,10 +97,11 @@ async def temper_stage(
         await ctx.event("log", f"reusing {existing.name} registered by an earlier attempt")
         return existing
     towards = parent if towards_champion(candidate) else None
-    if candidate.mode == "merge":
+    part_key = merge_part_key(candidate.mode)
+    if part_key is not None:
         if parent is None:
             raise ValueError(f"{candidate.name} adds to a champion, and there is none")
-        part = load_artifact(ctx.artifacts_dir, f"train-{MERGE_PART}.json")
+        part = load_artifact(ctx.artifacts_dir, f"train-{part_key}.json")
         if part is None:
             raise ValueError(f"the part {candidate.name} adds to {parent.name} is gone")
         part_dir = Path(part["adapter_dir"])

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -51,6 +52,11 @@ class Candidate:
     version: int
     name: str  # "acme@v3": how the gateway serves it pinned
     mode: str
+
+    @property
+    def merged(self) -> bool:
+        """The champion's update plus this job's part (`merge_stage`, any draw of it)."""
+        return merge_part_key(self.mode) is not None
 
 
 def training_set(
@@ -172,29 +178,43 @@ MERGE_PART = "merge-part"
 """The artifact key of a merge candidate's own part: the job's documents trained from the base."""
 
 
+def merge_part_key(mode: str) -> str | None:
+    """The artifact key of the part a merged candidate (registered as ``mode``) adds to the
+    champion: ``merge-part`` for ``merge``, ``merge-part-draw1`` for ``merge-draw1``; None for
+    any other mode (a tempered copy of a merged candidate included)."""
+    draw = re.fullmatch(r"merge(-draw\d+)?", mode)
+    return None if draw is None else MERGE_PART + (draw.group(1) or "")
+
+
 async def merge_stage(
-    ctx: StageContext, inputs: TrainInputs, *, champion: ResolvedVersion
+    ctx: StageContext, inputs: TrainInputs, *, champion: ResolvedVersion, draw: int = 0
 ) -> Candidate:
     """Trains the job's documents alone from the base (as a first version would be) and
-    registers, once per job, the adapter whose update is the champion's plus that one
+    registers, once per job and draw, the adapter whose update is the champion's plus that one
     (`workers.training.merge`): what the champion knew is kept as it was, instead of being
-    trained on from (incremental), and the new update is learned without it in the way."""
-    existing = await _registered(ctx, "merge")
+    trained on from (incremental), and the new update is learned without it in the way.
+    ``draw`` n > 0 trains the part again with other seeds, as `train_stage` does."""
+    key = draw_key("merge", draw)
+    existing = await _registered(ctx, key)
     if existing is not None:
         return existing
-    data, anchors = _job_data(ctx, inputs, "merge")
+    data, anchors = _job_data(ctx, inputs, "merge", draw=draw)
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
+    hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
-    part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=MERGE_PART, init_dir=None)
-    out_dir = await merged_adapter(ctx, champion, part_dir, key="merge", weight=1.0)
+    part_key = merge_part_key(key)
+    assert part_key is not None
+    part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=part_key, init_dir=None)
+    out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
     lineage = {
         "job_id": ctx.job_id,
-        "mode": "merge",
+        "mode": key,
         "parent": champion.name,
         "summed": {"champion": champion.name, "documents": "this job's, trained from the base"},
         "documents": [d.id for d in inputs.docs],
         "self_edits": [e.id for e in inputs.edits if e.kept and e.id is not None],
         "sequences": {**data.sources, "anchors": len(anchors)},
+        **({"draw": draw} if draw else {}),
     }
     detail = f"{champion.name} + {len(inputs.docs)} document(s) trained from the base"
     return await _register(ctx, out_dir, lineage, champion, detail=detail)
