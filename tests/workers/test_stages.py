@@ -1741,6 +1741,27 @@ async def test_a_merge_whose_draws_both_forgot_trains_on_from_the_champion(
                for m in logs), logs  # fmt: skip
 
 
+async def test_a_merge_after_the_incremental_candidate_is_drawn_again_too(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """Incremental first (a champion whose sum would be cut, here forced): v2 lost doc0, the
+    merged v3 learned doc1 but lost doc0 too, its draw v4 knows both and is promoted, before
+    any consolidation."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, redraw_tries=1
+    )
+    assert result.decision == "promoted", result.reasons
+    assert [versions[k].version for k in ("incremental", "merge", "merge-draw1")] == [2, 3, 4]
+    assert sorted(versions) == ["incremental", "merge", "merge-draw1"]
+    assert result.version_id == versions["merge-draw1"].id
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert not any("consolidating" in m for m in logs), logs
+
+
 async def test_a_drawn_merge_is_tempered_with_its_own_part(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
