@@ -202,8 +202,7 @@ async def merge_stage(
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
     hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
-    part_key = merge_part_key(key)
-    assert part_key is not None
+    part_key = MERGE_PART + key.removeprefix("merge")  # merge-part, merge-part-draw1, ...
     part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=part_key, init_dir=None)
     out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
     lineage = {
