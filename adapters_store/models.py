@@ -90,7 +90,15 @@ class NamespaceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_gain: float = Field(0.0, description="new-knowledge score gain a candidate must show")
-    max_forgetting: float = Field(0.05, ge=0, description="retention/guard drop allowed")
+    max_forgetting: float = Field(
+        0.05, ge=0, description="retention/guard drop allowed against the champion"
+    )
+    max_guard_drift: float = Field(
+        0.1,
+        ge=0,
+        description="guard drop allowed against the base model, over all of the namespace's "
+        "versions (each may lose at most max_forgetting more than its champion)",
+    )
     auto_promote: bool = Field(True, description="promote candidates that pass the gate")
 
 

@@ -454,7 +454,12 @@ async def test_bad_import_stores_nothing(
 async def test_namespaces(registry: AdapterRegistry) -> None:
     ns = await registry.ensure_namespace("acme", "alice")
     assert (ns.name, ns.created_by, ns.gate.auto_promote) == ("acme", "alice", True)
-    assert ns.settings == {"min_gain": 0.0, "max_forgetting": 0.05, "auto_promote": True}
+    assert ns.settings == {
+        "min_gain": 0.0,
+        "max_forgetting": 0.05,
+        "max_guard_drift": 0.1,
+        "auto_promote": True,
+    }
     assert (await registry.ensure_namespace("acme", "bob")).id == ns.id
     updated = await registry.update_namespace_settings("acme", {"min_gain": 0.1}, "alice")
     assert updated.gate.min_gain == 0.1

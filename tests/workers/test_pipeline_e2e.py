@@ -190,8 +190,9 @@ def test_pipeline_learns_documents_and_keeps_them(run: Run) -> None:
     budget = gate.max_forgetting + 1e-9
     retention = scores["candidate"]["retention"]
     assert retention["f1"] >= scores["champion"]["retention"]["f1"] - budget
-    guard_drop = scores["base"]["guard"]["contains"] - scores["candidate"]["guard"]["contains"]
-    assert guard_drop <= budget, scores
+    guard = scores["candidate"]["guard"]["contains"]
+    assert scores["champion"]["guard"]["contains"] - guard <= budget, scores
+    assert scores["base"]["guard"]["contains"] - guard <= gate.max_guard_drift + 1e-9, scores
     assert any(run.learned_b), run.learned_b
     assert any(run.still_a), (run.learned_a, run.still_a)
 

@@ -359,11 +359,63 @@ def test_gate_rejects_forgetting_and_guard_drop() -> None:
     assert promote.retention_broken(_scores(0.5, 0.1, (0.5, 0.3), 1.0), NamespaceSettings())
     guard = promote.decide(_scores(0.5, None, (0.0, 0.0), 0.9), NamespaceSettings())
     assert guard.decision == "rejected"
-    assert "guard contains 0.900 vs base 1.000" in guard.reasons[-1]
+    assert guard.reasons[-1] == (
+        "guard contains 0.900 on 20 questions, vs base 1.000: drop +0.100 > max_forgetting 0.05"
+    )
     lenient = promote.decide(
         _scores(0.5, None, (0.0, 0.0), 0.9), NamespaceSettings(max_forgetting=0.1)
     )
     assert lenient.decision == "promoted"
+
+
+def test_gate_counts_earlier_answers_lost_within_the_f1_budget() -> None:
+    """Seen live: the champion answered 1 of 4 earlier probes in a long sentence (F1 0.036);
+    the candidate lost it (F1 0.000, within an F1 budget of 0.05): retention is broken."""
+    scores = _scores(0.5, 0.0, (0.0, 0.0), 1.0)
+    assert scores["champion"] is not None
+    scores["champion"]["retention"].update(f1=0.036, contains=0.25, n=4)
+    scores["candidate"]["retention"].update(f1=0.0, contains=0.0, n=4)
+    lost = promote.decide(scores, NamespaceSettings())
+    assert lost.decision == "rejected"
+    assert lost.learned
+    assert lost.reasons[1] == (
+        "retention contains fell from 0.250 to 0.000 (> max_forgetting 0.05) on 4 earlier "
+        "probes (1 -> 0 answered)"
+    )
+    scores["candidate"]["retention"].update(f1=0.02, contains=0.25)
+    kept = promote.decide(scores, NamespaceSettings())
+    assert kept.decision == "promoted"
+    assert (
+        kept.reasons[1]
+        == "retention f1 0.020 vs 0.036, contains 0.250 vs 0.250 on 4 earlier probes"
+    )
+
+
+@pytest.mark.parametrize(
+    ("champion", "candidate", "broken"),
+    [
+        (0.95, 0.92, None),  # 0.03 below the champion, 0.08 below the base
+        (0.95, 0.89, "guard contains fell from 0.950 (acme@v1) to 0.890 (> max_forgetting"),
+        (0.92, 0.89, "guard contains fell from 1.000 (base) to 0.890 (> max_guard_drift 0.1)"),
+    ],
+)
+def test_guard_budget_is_per_update_with_a_cap_against_the_base(
+    champion: float, candidate: float, broken: str | None
+) -> None:
+    """A later version may lose max_forgetting of the guard against its champion, and the
+    namespace's versions together max_guard_drift against the base: a first version that
+    spent the per-update budget does not block every later update (seen live and in the
+    continual benchmark), but drift does not add up without bound."""
+    scores = _scores(0.5, 0.0, (0.3, 0.3), candidate)
+    assert scores["champion"] is not None
+    scores["champion"]["guard"]["contains"] = champion
+    why = promote.guard_broken(scores, NamespaceSettings())
+    assert why == broken or (why is not None and broken is not None and why.startswith(broken))
+    result = promote.decide(scores, NamespaceSettings())
+    assert result.decision == ("promoted" if broken is None else "rejected")
+    assert result.reasons[-1].startswith(
+        f"guard contains {candidate:.3f} on 20 questions, vs acme@v1"
+    )
 
 
 def test_forgot_only_names_forgetting_when_the_candidate_learned() -> None:

@@ -227,7 +227,12 @@ async def test_namespace_create_and_settings(gw: InProcessGateway) -> None:
     assert r.status_code == 201, r.text
     assert r.json()["settings"]["min_gain"] == 0.1
     r = await gw.admin.patch("/v1/admin/namespaces/acme", json={"auto_promote": False})
-    assert r.json()["settings"] == {"min_gain": 0.1, "max_forgetting": 0.05, "auto_promote": False}
+    assert r.json()["settings"] == {
+        "min_gain": 0.1,
+        "max_forgetting": 0.05,
+        "max_guard_drift": 0.1,
+        "auto_promote": False,
+    }
     err = _error(
         await gw.admin.post("/v1/admin/namespaces", json={"name": "base"}), 400, "invalid_namespace"
     )
