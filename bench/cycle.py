@@ -113,11 +113,10 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def gate_args(parser: argparse.ArgumentParser) -> None:
-    """--min-gain / --max-forgetting: a namespace gate instead of the registry's defaults."""
-    parser.add_argument("--min-gain", type=float, default=None, help="namespace gate override")
-    parser.add_argument(
-        "--max-forgetting", type=float, default=None, help="namespace gate override"
-    )
+    """--min-gain / --max-forgetting / --max-guard-drift: a namespace gate instead of the
+    registry's defaults."""
+    for flag in ("--min-gain", "--max-forgetting", "--max-guard-drift"):
+        parser.add_argument(flag, type=float, default=None, help="namespace gate override")
     parser.add_argument(
         "--set",
         action="append",
@@ -128,11 +127,8 @@ def gate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def gate_from(args: argparse.Namespace) -> dict[str, Any] | None:
-    gate = {
-        k: v
-        for k, v in (("min_gain", args.min_gain), ("max_forgetting", args.max_forgetting))
-        if v is not None
-    }
+    names = ("min_gain", "max_forgetting", "max_guard_drift")
+    gate = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     return gate or None
 
 

@@ -65,3 +65,18 @@ def test_plot_writes_a_heatmap(tmp_path: Path) -> None:
     }
     path = plot(result, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_flags_override_only_what_is_given() -> None:
+    """The benches' gate flags become the namespace's settings; none given: the defaults."""
+    import argparse
+
+    from adapters_store.models import NamespaceSettings
+    from bench.cycle import gate_args, gate_from
+
+    parser = argparse.ArgumentParser()
+    gate_args(parser)
+    assert gate_from(parser.parse_args([])) is None
+    gate = gate_from(parser.parse_args(["--max-forgetting", "0", "--max-guard-drift", "0.2"]))
+    assert gate == {"max_forgetting": 0.0, "max_guard_drift": 0.2}
+    assert NamespaceSettings.model_validate(gate).min_gain == 0.0
