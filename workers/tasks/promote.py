@@ -63,22 +63,27 @@ def _guard(scores: dict[str, Any]) -> tuple[str, float, float, int]:
     return metric, before, after, n
 
 
-def _retention_metrics(scores: dict[str, Any]) -> list[str]:
-    """The retention scores the gate holds to ``max_forgetting``: the gate metric (F1), and
-    the share of earlier probes answered (the greedy answer contains the gold one): a
-    champion's right answer in a long sentence scores an F1 of a few hundredths, so losing
-    it can fall within an F1 budget (seen live: 0.036 -> 0.000, one of 4 answers gone)."""
-    return list(dict.fromkeys((scores["metrics"]["gate"], "contains")))
+def _retention(scores: dict[str, Any]) -> list[tuple[str, float, float, int]]:
+    """The retention scores the gate holds to ``max_forgetting``, each as (metric, the
+    champion's, the candidate's, the number of earlier probes); none without a champion. The
+    gate metric (F1), and the share of earlier probes answered (the greedy answer contains
+    the gold one): a champion's right answer in a long sentence scores an F1 of a few
+    hundredths, so losing it can fall within an F1 budget (seen live: 0.036 -> 0.000, one of
+    4 answers gone)."""
+    champion, candidate = scores.get("champion"), scores["candidate"]
+    if champion is None:
+        return []
+    rows = []
+    for metric in dict.fromkeys((scores["metrics"]["gate"], "contains")):
+        before, n = _value(champion, "retention", metric)
+        after, _ = _value(candidate, "retention", metric)
+        rows.append((metric, before, after, n))
+    return rows
 
 
 def retention_broken(scores: dict[str, Any], gate: NamespaceSettings) -> str | None:
     """Why the candidate forgot too much of what the champion knew, or None."""
-    champion, candidate = scores.get("champion"), scores["candidate"]
-    if champion is None:
-        return None
-    for metric in _retention_metrics(scores):
-        before, n = _value(champion, "retention", metric)
-        after, _ = _value(candidate, "retention", metric)
+    for metric, before, after, n in _retention(scores):
         if n and _over_budget(before, after, gate.max_forgetting):
             counts = ""
             if metric == "contains":
@@ -204,13 +209,9 @@ def decide(scores: dict[str, Any], gate: NamespaceSettings) -> GateResult:
     if broken:
         ok = False
         reasons.append(broken)
-    elif scores.get("champion") is not None:
-        kept = []
-        for name in _retention_metrics(scores):
-            before, n = _value(reference, "retention", name)
-            after, _ = _value(candidate, "retention", name)
-            kept.append(f"{name} {after:.3f} vs {before:.3f}")
-        reasons.append(f"retention {', '.join(kept)} on {n} earlier probes")
+    elif retention := _retention(scores):
+        kept = ", ".join(f"{m} {after:.3f} vs {before:.3f}" for m, before, after, _ in retention)
+        reasons.append(f"retention {kept} on {retention[0][3]} earlier probes")
     guard_metric, _, guard_after, n_guard = _guard(scores)
     drops = []
     for name, before, limit, setting in _guard_limits(scores, gate):

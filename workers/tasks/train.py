@@ -123,7 +123,7 @@ DRAW_SEED_STRIDE = 1000
 """Draw n trains with the pipeline's seed + n x this (far from the +1 of training further)."""
 
 
-def draw_key(mode: Mode, draw: int) -> str:
+def draw_key(mode: str, draw: int) -> str:
     """``fresh``, or ``fresh-draw1`` for another draw: the registration key (note prefix)."""
     return mode if draw == 0 else f"{mode}-draw{draw}"
 
@@ -202,7 +202,7 @@ async def merge_stage(
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
     hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
-    part_key = MERGE_PART + key.removeprefix("merge")  # merge-part, merge-part-draw1, ...
+    part_key = draw_key(MERGE_PART, draw)  # merge-part, merge-part-draw1, ...
     part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=part_key, init_dir=None)
     out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
     lineage = {
