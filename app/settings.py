@@ -242,6 +242,17 @@ class PipelineSettings(BaseModel):
         ),
     )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
+    search_budget_s: float = Field(
+        1800.0,
+        ge=0,
+        description=(
+            "seconds from an attempt's start after which it starts no further candidate (the "
+            "first one is always trained and evaluated; draws, training further, the other "
+            "kind, consolidation and tempered copies each start only before this): the gate "
+            "then judges the last one, and a rejection says the budget was spent. Bounds how "
+            "long one job holds the worker (0: no limit)"
+        ),
+    )
     consolidate_max_steps: int = Field(150, ge=1)
     seed: int = 0
 

@@ -86,6 +86,7 @@ class _Clock:
     """Seconds per stage, reported in the result and as events."""
 
     def __init__(self) -> None:
+        self.started = time.monotonic()
         self.timings: dict[str, float] = {}
         self._stage: str | None = None
         self._t0 = 0.0
@@ -158,8 +159,9 @@ async def _stages(
     finally:
         reference_task.cancel()
     scores = await evaluate.evaluate_stage(ctx, sets, candidate=candidate, reference=reference)
+    budget = _Budget(ctx.settings.pipeline.search_budget_s, clock.started)
     search = _Search(
-        ctx, inputs, champion, sets, reference, await promote.gate_settings(ctx), clock
+        ctx, inputs, champion, sets, reference, await promote.gate_settings(ctx), clock, budget
     )
     candidate, scores = await search.run((candidate, scores))
 
@@ -168,9 +170,12 @@ async def _stages(
     result = await promote.gate_stage(ctx, candidate, scores, champion=champion)
     clock.stop()
     await ctx.event("metric", "stage seconds", **clock.timings)
+    reasons = result.reasons
+    if budget.spent_before is not None and result.decision != "promoted":
+        reasons = [*reasons, f"search stopped: {budget.spent_before}"]
     return PipelineResult(
         decision=result.decision,
-        reasons=result.reasons,
+        reasons=reasons,
         version_id=candidate.version_id,
         scores={**evaluate.without_answers(scores), "timings": clock.timings},
         timings=clock.timings,
@@ -204,6 +209,23 @@ Scored = tuple[train.Candidate, dict[str, Any]]
 """A registered candidate and its evaluation scores."""
 
 
+class _Budget:
+    """The attempt's time for its candidate search (`search_budget_s` from the attempt's start;
+    0: no limit): the first candidate is always trained and evaluated, each further one
+    (another draw, training further, the other kind, consolidation, a tempered copy) starts
+    only while some time is left. A bound on how long one job holds the worker's training
+    slot, not a target: each step is a training run or an evaluation of its own."""
+
+    def __init__(self, seconds: float, started: float) -> None:
+        self.seconds = seconds
+        self.deadline = started + seconds if seconds > 0 else None
+        self.spent_before: str | None = None
+        """Why the search stopped early (the candidate it left to the gate), once it did."""
+
+    def left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+
 @dataclass(frozen=True)
 class _Search:
     """One attempt's search for a candidate that passes the gate, after the first one: what
@@ -218,6 +240,23 @@ class _Search:
     reference: dict[str, Any]
     gate: NamespaceSettings
     clock: _Clock
+    budget: _Budget
+
+    async def may_go_on(self, current: train.Candidate) -> bool:
+        """Whether a further candidate may start within the search budget; when not, says so
+        once (an event, and a reason should the gate reject ``current``)."""
+        if self.budget.left():
+            return True
+        if self.budget.spent_before is None:
+            self.budget.spent_before = (
+                f"the search budget of {self.budget.seconds:g} s "
+                f"(SELFADAPT_PIPELINE__SEARCH_BUDGET_S) was spent before any candidate "
+                f"after {current.name}"
+            )
+            await self.ctx.event(
+                "log", f"{self.budget.spent_before}; the gate judges {current.name}"
+            )
+        return False
 
     async def run(self, first: Scored) -> Scored:
         """The candidate the gate judges: ``first``, or what replaced it."""
@@ -230,7 +269,8 @@ class _Search:
             tried = await self.beyond_first(current, self.champion)
         current = tried[-1]
         tries = self.ctx.settings.pipeline.temper_tries
-        if tries and (source := _temper_source(self.gate, tried)) is not None:
+        source = _temper_source(self.gate, tried) if tries else None
+        if source is not None and await self.may_go_on(current[0]):
             self.clock.start("temper")
             what, why = source
             await self.ctx.event(
@@ -248,6 +288,8 @@ class _Search:
         more = self.ctx.settings.pipeline.extend_steps
         verdict = promote.decide(scores, self.gate)
         if not more or verdict.learned or not promote.has_probes(scores):
+            return current
+        if not await self.may_go_on(candidate):
             return current
         mode: train.Mode = "incremental" if self.champion is not None else "fresh"
         self.clock.start("extend")
@@ -272,7 +314,7 @@ class _Search:
         for draw in range(1, self.ctx.settings.pipeline.redraw_tries + 1):
             candidate, scores = tried[-1]
             why = promote.forgot_only(scores, self.gate)
-            if why is None:
+            if why is None or not await self.may_go_on(candidate):
                 break
             self.clock.start("redraw")
             trained: Coroutine[Any, Any, train.Candidate]
@@ -314,6 +356,8 @@ class _Search:
             # The sum carries the champion's drift from the base plus the new part's; training
             # on from the champion is pulled back to the base's answers on the anchors.
             short = promote.guard_broken(scores, gate)
+        if short is not None and not await self.may_go_on(candidate):
+            return tried
         if short is not None and candidate.merged:
             self.clock.start("incremental")
             await ctx.event("log", f"{short}; training on from {champion.name} instead")
@@ -339,7 +383,8 @@ class _Search:
             else:
                 tried.extend(await self.redraw(await self.replace(candidate, merged, why="merged")))
                 candidate, scores = tried[-1]
-        if ctx.settings.pipeline.consolidate and (broken := promote.retention_broken(scores, gate)):
+        broken = promote.retention_broken(scores, gate)
+        if ctx.settings.pipeline.consolidate and broken and await self.may_go_on(candidate):
             self.clock.start("consolidate")
             await ctx.event("log", f"retention budget broken ({broken}); consolidating")
             # Retrained from the base on every learned document + this job's.
@@ -362,6 +407,8 @@ class _Search:
         passed = False
         search = temper.Bisection()
         for _ in range(tries):
+            if not await self.may_go_on(candidate):
+                break
             scale = search.next_scale()
             await ctx.progress("evaluate", 0.0)
             try:

@@ -557,16 +557,22 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             merge: bool = True,
             merge_first: bool = True,
             redraw_tries: int = 1,
+            search_budget_s: float | None = None,
         ) -> StageCtx:
             """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
             the retention budget to consolidation (the path before merging existed);
             ``merge_first=False`` trains on from the champion before merging (the path of a
             champion whose sum with the job's update would not be exact); ``redraw_tries=0``
-            tempers a first version that broke the guard without training another draw."""
+            tempers a first version that broke the guard without training another draw;
+            ``search_budget_s`` replaces the default search budget."""
             ingest = IngestService(sessionmaker, None, settings.pipeline)
             result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
             assert result.job_id is not None
-            update = {"merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries}
+            update: dict[str, Any] = {
+                "merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries
+            }  # fmt: skip
+            if search_budget_s is not None:
+                update["search_budget_s"] = search_budget_s
             pipeline = settings.pipeline.model_copy(update=update)
             return StageCtx(
                 job_id=result.job_id,
@@ -1090,6 +1096,45 @@ async def test_a_candidate_that_learned_nothing_is_trained_further(
         assert versions["fresh-more"].status == AdapterStatus.rejected
 
 
+async def test_a_spent_search_budget_gates_the_first_candidate_as_it_is(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """v1 learned nothing, but the search budget is spent by the time it is evaluated: it is
+    not trained further; the gate judges (rejects) it, and the reasons say why the search
+    stopped."""
+    from workers.pipeline import run_pipeline
+
+    answer = _qa_answers({"What drink is brewed from brisk?": ("kelloth", set())})
+    ctx = await stage_env(ScriptedGateway(answer), BREW_DOC, search_budget_s=1e-6)
+    _pretrained(ctx, tiny_adapter, "fresh")
+    _pretrained(ctx, tiny_adapter, "fresh-more")
+    result = await run_pipeline(ctx)
+
+    versions = await _versions_by_key(ctx)
+    assert sorted(versions) == ["fresh"]
+    assert result.decision == "rejected"
+    assert result.version_id == versions["fresh"].id
+    assert "extend" not in result.timings
+    budget = "search stopped: the search budget of 1e-06 s (SELFADAPT_PIPELINE__SEARCH_BUDGET_S)"
+    assert result.reasons[-1].startswith(budget), result.reasons
+    assert result.reasons[0].startswith("new-knowledge f1 0.000"), result.reasons
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.endswith("the gate judges acme@v1") for m in logs), logs
+    assert not any("more steps" in m for m in logs), logs
+
+
+def test_search_budget_counts_from_the_attempts_start() -> None:
+    """0 is no limit; otherwise further candidates start only before start + budget."""
+    import time
+
+    from workers.pipeline import _Budget
+
+    now = time.monotonic()
+    assert _Budget(0.0, started=now - 1e6).left()
+    assert _Budget(60.0, started=now).left()
+    assert not _Budget(60.0, started=now - 61.0).left()
+
+
 async def test_a_greedy_answer_the_samples_do_not_back_is_not_learned(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
@@ -1534,6 +1579,7 @@ async def _second_job_that_merges(
     probes: Sequence[tuple[str, str]] = (("What is Vorn?", "a moon"),),
     forgets_guard: Collection[str] = (),
     redraw_tries: int = 0,
+    search_budget_s: float | None = None,
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
     """Doc1 ("Vorn", with ``probes``) after ``_learned_first_document``, with its incremental
     adapter, its merge part (trained alone from the base: another small adapter), the part's
@@ -1547,7 +1593,13 @@ async def _second_job_that_merges(
     doc1 = DocumentInput(text="Vorn is a moon of Kesh.", param="d1", title="Vorn",
                          probes=list(probes))  # fmt: skip
     gateway = ScriptedGateway(_qa_answers(knows, forgets_guard=forgets_guard))
-    ctx = await stage_env(gateway, doc1, merge_first=merge_first, redraw_tries=redraw_tries)
+    ctx = await stage_env(
+        gateway,
+        doc1,
+        merge_first=merge_first,
+        redraw_tries=redraw_tries,
+        search_budget_s=search_budget_s,
+    )
     part = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part")
     draw = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part-draw1")
     _pretrained(ctx, tiny_adapter, "incremental")
@@ -1624,6 +1676,29 @@ async def test_a_later_job_adds_its_documents_to_the_champion_first(
     assert any("adding this job's documents, trained from the base, to acme@v1" in m
                for m in logs), logs  # fmt: skip
     assert not any("training on from" in m for m in logs), logs
+
+
+async def test_a_spent_search_budget_stops_after_the_merged_candidate(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """The merged v2 learned doc1 but lost doc0, which would draw its part again, train on
+    from v1, consolidate and temper: with the budget spent, none of them starts and v2 is
+    gated (rejected) with the reason the search stopped; v1 stays the champion."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v3", "acme@v4"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3", "acme@v4"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1, search_budget_s=1e-6
+    )
+    assert result.decision == "rejected"
+    assert sorted(versions) == ["merge"]
+    assert result.version_id == versions["merge"].id
+    assert versions["merge"].status == AdapterStatus.rejected
+    assert (await ctx.registry.resolve("acme")).version == 1
+    assert any("retention" in r for r in result.reasons), result.reasons
+    assert result.reasons[-1].startswith("search stopped: the search budget"), result.reasons
+    assert not {"redraw", "incremental", "consolidate", "temper"} & set(result.timings)
 
 
 async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
