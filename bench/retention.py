@@ -11,8 +11,9 @@ B's F1 above the champion's and at least one more B question answered, A's F1 do
 ``max_forgetting``. The guard set is not asked (`bench.forgetting` measures it).
 
 A variant is a JSON object: ``name`` plus overrides of ``replay_fraction``,
-``replay_passages``, ``anchor_fraction``, ``merge`` (true: B trained alone from the base, its
-update summed with A's, `workers.training.merge`) and the LoRA keys
+``replay_passages``, ``anchor_fraction``, ``merge`` (true: B trained from the base, its
+update summed with A's, `workers.training.merge`; alone, or with A's replay sample when
+``merge_replay`` is true) and the LoRA keys
 `bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
 defaults) and kept in ``--work-dir``. Writes ``--out`` (default
 ``bench/results/retention.json``) after every run.
@@ -70,9 +71,12 @@ async def ask(
 
 
 def passes(champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float) -> bool:
-    """The registry's default gate on new knowledge (B) and retention (A), guard aside."""
+    """The registry's default gate on new knowledge (B) and retention (A), guard aside: A's F1
+    and the share of A's questions answered each down by at most ``max_forgetting``."""
     learned = run["B"].f1 > champion["B"].f1 and run["B"].answered >= champion["B"].answered + 1
-    return learned and run["A"].f1 >= champion["A"].f1 - max_forgetting - 1e-9
+    lost_share = (champion["A"].answered - run["A"].answered) / max(run["A"].n, 1)
+    kept = run["A"].f1 >= champion["A"].f1 - max_forgetting - 1e-9
+    return learned and kept and lost_share <= max_forgetting + 1e-9
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -154,10 +158,11 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
             logger.warning("the champion answers none of A's questions: retention is moot")
         for v in variants:
             for seed in range(args.seeds):
-                merge = bool(v.get("merge"))  # B alone from the base, summed with A's
+                merge = bool(v.get("merge"))  # B from the base, summed with A's
+                replay = not merge or bool(v.get("merge_replay"))
                 data = build_training_set(
                     [data_b],
-                    [] if merge else [data_a],
+                    [data_a] if replay else [],
                     replay_fraction=v.get("replay_fraction", pipeline.replay_fraction),
                     replay_passages=v.get("replay_passages", pipeline.replay_passages),
                     max_edit_segments=pipeline.max_edit_segments,

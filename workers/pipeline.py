@@ -198,7 +198,8 @@ async def _first_candidate(
                 "log", f"adding this job's documents, trained from the base, to {champion.name}"
             )
             try:
-                return await train.merge_stage(ctx, inputs, champion=champion)
+                replay = train.merge_replays(ctx, after_retention_broke=False)
+                return await train.merge_stage(ctx, inputs, champion=champion, replay=replay)
             except ValueError as e:  # e.g. a champion an admin imported for other modules
                 refusal = str(e)
         await ctx.event("log", f"training on from {champion.name}: cannot add to it ({refusal})")
@@ -307,9 +308,10 @@ class _Search:
         or a merged candidate: the champion plus this job's part trained from the base), then
         while the last one learned its documents but forgot too much (a first version: broke
         the guard; a merged one: retention or guard), up to `redraw_tries` more of the same
-        kind on the same sequences with other seeds. What a run forgets varies between draws
-        (`bench/forgetting.py`, `bench/retention.py`), and a tempered copy scales the document
-        away with the drift."""
+        kind on the same sequences with other seeds (a merged part drawn again after retention
+        broke: with the earlier documents' replay sample too, `merge_replay`). What a run
+        forgets varies between draws (`bench/forgetting.py`, `bench/retention.py`), and a
+        tempered copy scales the document away with the drift."""
         tried = [first]
         for draw in range(1, self.ctx.settings.pipeline.redraw_tries + 1):
             candidate, scores = tried[-1]
@@ -319,19 +321,22 @@ class _Search:
             self.clock.start("redraw")
             trained: Coroutine[Any, Any, train.Candidate]
             if candidate.merged and self.champion is not None:
+                broke = promote.retention_broken(scores, self.gate) is not None
+                replay = train.merge_replays(self.ctx, after_retention_broke=broke)
                 what = "another draw of its part"
                 trained = train.merge_stage(
-                    self.ctx, self.inputs, champion=self.champion, draw=draw
+                    self.ctx, self.inputs, champion=self.champion, draw=draw, replay=replay
                 )
             else:
-                what = "another draw"
+                what, replay = "another draw", False
                 trained = train.train_stage(
                     self.ctx, self.inputs, parent=None, mode="fresh", draw=draw
                 )
             await self.ctx.event(
                 "log",
                 f"{candidate.name} learned but forgot too much ({why}); "
-                f"training {what} from the base",
+                f"training {what} from the base"
+                + (" with the earlier documents replayed" if replay else ""),
             )
             tried.append(await self.replace(candidate, trained, why=f"draw {draw + 1}"))
         return tried
@@ -377,7 +382,8 @@ class _Search:
             )
             await ctx.progress("train", 0.0)
             try:
-                merged = await train.merge_stage(ctx, self.inputs, champion=champion)
+                replay = train.merge_replays(ctx, after_retention_broke=False)
+                merged = await train.merge_stage(ctx, self.inputs, champion=champion, replay=replay)
             except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
                 await ctx.event("log", f"cannot add to {champion.name}: {e}")
             else:

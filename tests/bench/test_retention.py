@@ -21,6 +21,8 @@ def test_a_run_passes_when_it_learns_b_and_keeps_a_within_the_budget() -> None:
     assert not passes(CHAMPION, {"A": Asked(0.14, 1, 4), "B": Asked(0.3, 3, 4)}, 0.05)
     # B's F1 rose but no B question is firmly answered
     assert not passes(CHAMPION, {"A": Asked(0.2, 2, 4), "B": Asked(0.1, 0, 4)}, 0.05)
+    # A's F1 within the budget, but one of its two answers lost (the gate counts answers too)
+    assert not passes(CHAMPION, {"A": Asked(0.17, 1, 4), "B": Asked(0.3, 3, 4)}, 0.05)
     # exactly at the budget passes (the gate's <=)
     assert passes(CHAMPION, {"A": Asked(0.15, 2, 4), "B": Asked(0.1, 1, 4)}, 0.05)
 

@@ -557,22 +557,21 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             merge: bool = True,
             merge_first: bool = True,
             redraw_tries: int = 1,
-            search_budget_s: float | None = None,
+            **pipeline: Any,
         ) -> StageCtx:
             """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
             the retention budget to consolidation (the path before merging existed);
             ``merge_first=False`` trains on from the champion before merging (the path of a
             champion whose sum with the job's update would not be exact); ``redraw_tries=0``
             tempers a first version that broke the guard without training another draw;
-            ``search_budget_s`` replaces the default search budget."""
+            any other pipeline setting by name (e.g. ``search_budget_s=1e-6``)."""
             ingest = IngestService(sessionmaker, None, settings.pipeline)
             result = await ingest.ingest(namespace="acme", documents=docs, actor="t", force=False)
             assert result.job_id is not None
-            update: dict[str, Any] = {
-                "merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries
+            update = {
+                "merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries,
+                **pipeline,
             }  # fmt: skip
-            if search_budget_s is not None:
-                update["search_budget_s"] = search_budget_s
             pipeline = settings.pipeline.model_copy(update=update)
             return StageCtx(
                 job_id=result.job_id,
@@ -1579,7 +1578,7 @@ async def _second_job_that_merges(
     probes: Sequence[tuple[str, str]] = (("What is Vorn?", "a moon"),),
     forgets_guard: Collection[str] = (),
     redraw_tries: int = 0,
-    search_budget_s: float | None = None,
+    **pipeline: Any,
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
     """Doc1 ("Vorn", with ``probes``) after ``_learned_first_document``, with its incremental
     adapter, its merge part (trained alone from the base: another small adapter), the part's
@@ -1598,7 +1597,7 @@ async def _second_job_that_merges(
         doc1,
         merge_first=merge_first,
         redraw_tries=redraw_tries,
-        search_budget_s=search_budget_s,
+        **pipeline,
     )
     part = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part")
     draw = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part-draw1")
@@ -1699,6 +1698,34 @@ async def test_a_spent_search_budget_stops_after_the_merged_candidate(
     assert any("retention" in r for r in result.reasons), result.reasons
     assert result.reasons[-1].startswith("search stopped: the search budget"), result.reasons
     assert not {"redraw", "incremental", "consolidate", "temper"} & set(result.timings)
+
+
+@pytest.mark.parametrize("merge_replay", ["redraw", "always"])
+async def test_a_merged_part_replays_earlier_documents_when_asked(
+    stage_env: Callable[..., Any], tiny_adapter: Path, merge_replay: str
+) -> None:
+    """A first merged candidate's part is trained on doc1 alone by default; with
+    `merge_replay` "always" on doc1 plus doc0's replay sample, and its lineage says so."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2"}),
+        "What is Vorn?": ("a moon", {"acme@v2"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, merge_replay=merge_replay
+    )
+    assert result.decision == "promoted", result.reasons
+    merged = versions["merge"]
+    manifest = json.loads(
+        (ctx.registry.blobs.path_for(merged.blob_sha256) / "manifest.json").read_text()
+    )
+    replayed = manifest["sequences"]["replay"]
+    if merge_replay == "always":
+        async with ctx.sessionmaker() as session:
+            doc0 = list(await session.scalars(select(Document.id).where(Document.title == TITLE)))
+        assert replayed >= 1
+        assert manifest["replayed_documents"] == doc0
+    else:
+        assert (replayed, manifest["replayed_documents"]) == (0, [])
 
 
 async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
@@ -1815,7 +1842,8 @@ async def test_a_merge_that_learned_but_forgot_is_drawn_again(
 ) -> None:
     """The merged v2 learned doc1 but lost doc0 (seen live: the new part interfered with one
     of the champion's answers): before training on from the champion, the job trains its
-    part again from the base with other seeds and registers v3 = v1 + that part
+    part again from the base with other seeds and doc0's replay sample (`merge_replay`
+    "redraw", the default; v2's part had none) and registers v3 = v1 + that part
     ("merge-draw1"), which knows both and is promoted; v2 is rejected."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
@@ -1839,12 +1867,46 @@ async def test_a_merge_that_learned_but_forgot_is_drawn_again(
         1,
         "acme@v1",
     )
+    assert manifest["sequences"]["replay"] >= 1
+    assert len(manifest["replayed_documents"]) == 1
+    first = ctx.registry.blobs.path_for(versions["merge"].blob_sha256) / "manifest.json"
+    assert json.loads(first.read_text())["sequences"]["replay"] == 0
     assert "redraw" in result.timings
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
     assert any(m.startswith("acme@v2 learned but forgot too much (retention") and m.endswith(
-        "training another draw of its part from the base") for m in logs), logs  # fmt: skip
+        "training another draw of its part from the base with the earlier documents replayed")
+        for m in logs), logs  # fmt: skip
     assert any("superseded by acme@v3 (draw 2)" in m for m in logs), logs
     assert not any("training on from" in m or "consolidating" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("setting", ["redraw", "never"])
+async def test_a_merge_drawn_again_for_the_guard_alone_replays_nothing(
+    stage_env: Callable[..., Any], tiny_adapter: Path, setting: str
+) -> None:
+    """The merged v2 learned doc1 and kept doc0 but lost guard answers: its part is drawn
+    again without replay (replay mends retention, not the guard), as it is after a retention
+    break with `merge_replay` "never"."""
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env,
+        tiny_adapter,
+        knows,
+        merge_first=True,
+        redraw_tries=1,
+        forgets_guard={"acme@v2"},
+        merge_replay=setting,
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["merge", "merge-draw1"]
+    drawn = ctx.registry.blobs.path_for(versions["merge-draw1"].blob_sha256)
+    manifest = json.loads((drawn / "manifest.json").read_text())
+    assert (manifest["sequences"]["replay"], manifest["replayed_documents"]) == (0, [])
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any(m.endswith("training another draw of its part from the base") for m in logs), logs
 
 
 async def test_a_merge_whose_draws_both_forgot_trains_on_from_the_champion(

@@ -65,9 +65,11 @@ def training_set(
     edits: Sequence[SelfEditSample],
     history: Sequence[LearnedDoc],
     mode: Mode,
+    *,
+    replay: bool = False,
 ) -> TrainingSet:
-    """Incremental: new + replay; fresh and merge: new only; consolidate: everything, from the
-    base."""
+    """Incremental: new + replay; fresh: new only; merge: new only, or new + replay when
+    ``replay``; consolidate: everything, from the base."""
     settings = ctx.settings.pipeline
     kept: dict[str, list[str]] = {}
     for edit in edits:
@@ -79,7 +81,7 @@ def training_set(
         new, earlier = earlier + new, []
     return build_training_set(
         new,
-        earlier if mode == "incremental" else [],
+        earlier if mode == "incremental" or (mode == "merge" and replay) else [],
         replay_fraction=settings.replay_fraction,
         replay_passages=settings.replay_passages,
         sentences=settings.sentence_sequences,
@@ -186,19 +188,33 @@ def merge_part_key(mode: str) -> str | None:
     return None if draw is None else MERGE_PART + (draw.group(1) or "")
 
 
+def merge_replays(ctx: StageContext, *, after_retention_broke: bool) -> bool:
+    """Whether a merge part is trained with the earlier documents' replay sample
+    (`merge_replay`): always, never, or (``redraw``, the default) for a part drawn again
+    because the merged candidate before it broke retention."""
+    setting = ctx.settings.pipeline.merge_replay
+    return setting == "always" or (setting == "redraw" and after_retention_broke)
+
+
 async def merge_stage(
-    ctx: StageContext, inputs: TrainInputs, *, champion: ResolvedVersion, draw: int = 0
+    ctx: StageContext,
+    inputs: TrainInputs,
+    *,
+    champion: ResolvedVersion,
+    draw: int = 0,
+    replay: bool = False,
 ) -> Candidate:
-    """Trains the job's documents alone from the base (as a first version would be) and
-    registers, once per job and draw, the adapter whose update is the champion's plus that one
-    (`workers.training.merge`): what the champion knew is kept as it was, instead of being
-    trained on from (incremental), and the new update is learned without it in the way.
-    ``draw`` n > 0 trains the part again with other seeds, as `train_stage` does."""
+    """Trains the job's documents from the base (as a first version would be; with the
+    earlier documents' replay sample when ``replay``) and registers, once per job and draw,
+    the adapter whose update is the champion's plus that one (`workers.training.merge`): what
+    the champion knew is kept as it was, instead of being trained on from (incremental), and
+    the new update is learned without it in the way. ``draw`` n > 0 trains the part again with
+    other seeds, as `train_stage` does."""
     key = draw_key("merge", draw)
     existing = await _registered(ctx, key)
     if existing is not None:
         return existing
-    data, anchors = _job_data(ctx, inputs, "merge", draw=draw)
+    data, anchors = _job_data(ctx, inputs, "merge", draw=draw, replay=replay)
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
     hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
@@ -211,6 +227,7 @@ async def merge_stage(
         "parent": champion.name,
         "summed": {"champion": champion.name, "documents": "this job's, trained from the base"},
         "documents": [d.id for d in inputs.docs],
+        "replayed_documents": [h.doc.id for h in inputs.learned] if data.sources["replay"] else [],
         "self_edits": [e.id for e in inputs.edits if e.kept and e.id is not None],
         "sequences": {**data.sources, "anchors": len(anchors)},
         **({"draw": draw} if draw else {}),
@@ -304,11 +321,11 @@ async def _registered(ctx: StageContext, key: str) -> Candidate | None:
 
 
 def _job_data(
-    ctx: StageContext, inputs: TrainInputs, mode: Mode, *, draw: int = 0
+    ctx: StageContext, inputs: TrainInputs, mode: Mode, *, draw: int = 0, replay: bool = False
 ) -> tuple[TrainingSet, list[tuple[str, str]]]:
-    """The job's training sequences for ``mode`` and its anchors (both seeded by the job, the
-    anchors also by the draw)."""
-    data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode)
+    """The job's training sequences for ``mode`` (a merge part's with the replay sample when
+    ``replay``) and its anchors (both seeded by the job, the anchors also by the draw)."""
+    data = training_set(ctx, inputs.docs, inputs.edits, inputs.learned, mode, replay=replay)
     anchors = sample_anchors(
         list(inputs.anchor_pool),
         len(data.sequences),
