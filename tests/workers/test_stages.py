@@ -557,7 +557,7 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             merge: bool = True,
             merge_first: bool = True,
             redraw_tries: int = 1,
-            **pipeline: Any,
+            **overrides: Any,
         ) -> StageCtx:
             """A job for ``docs``; ``merge=False`` goes straight from a candidate that broke
             the retention budget to consolidation (the path before merging existed);
@@ -570,13 +570,13 @@ async def stage_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             assert result.job_id is not None
             update = {
                 "merge": merge, "merge_first": merge_first, "redraw_tries": redraw_tries,
-                **pipeline,
+                **overrides,
             }  # fmt: skip
-            pipeline = settings.pipeline.model_copy(update=update)
+            job_pipeline = settings.pipeline.model_copy(update=update)
             return StageCtx(
                 job_id=result.job_id,
                 namespace="acme",
-                settings=settings.model_copy(update={"pipeline": pipeline}),
+                settings=settings.model_copy(update={"pipeline": job_pipeline}),
                 artifacts_dir=settings.data_dir / "jobs" / result.job_id / f"attempt-{attempt}",
                 sessionmaker=sessionmaker,
                 registry=registry,
