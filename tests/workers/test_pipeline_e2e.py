@@ -66,6 +66,7 @@ DOC_B = {
     ],
 }
 STAGES = {"self_edit", "probes", "train", "evaluate", "gate"}
+E2E_SEARCH_BUDGET_S = 900
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,9 @@ def live(
             redis_url=redis.url,
             gateway_url=gateway.base_url,
             api_key=gateway.keys[Role.operator],
+            # Each job decides within the test's wait (1200 s): a search that runs long (eight
+            # candidates took ~20 min on a float32 engine) ends with the gate's verdict.
+            SELFADAPT_PIPELINE__SEARCH_BUDGET_S=str(E2E_SEARCH_BUDGET_S),
             **queue,
         )
         (tmp / "logs").mkdir()
