@@ -242,14 +242,16 @@ class PipelineSettings(BaseModel):
         ),
     )
     merge_replay: Literal["never", "redraw", "always"] = Field(
-        "redraw",
+        "never",
         description=(
             "when a merged candidate's part is trained on the job's documents plus the replay "
             "sample of the earlier ones (as the incremental candidate is) instead of the new "
             "ones alone: never, always, or for a part drawn again after the merged candidate "
-            "broke retention (bench/results/retention-merge-replay.json: the replayed part "
-            "kept the earlier document's answers in 6 of 6 runs, the plain one in 2 of 3, "
-            "and learned the new one less, 0.67 vs 2.67 of 4 answered)"
+            "broke retention. In process (bench/results/retention-merge-replay.json) the "
+            "replayed part kept the earlier document's answers in 6 of 6 runs (the plain one "
+            "in 2 of 3) but learned the new one less (0.67 vs 2.67 of 4 answered); live, in "
+            "the continual benchmark, none of 3 replayed draws passed (two learned nothing): "
+            "the champion already carries the earlier documents, so the sum pushes them twice"
         ),
     )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")

@@ -308,8 +308,8 @@ class _Search:
         or a merged candidate: the champion plus this job's part trained from the base), then
         while the last one learned its documents but forgot too much (a first version: broke
         the guard; a merged one: retention or guard), up to `redraw_tries` more of the same
-        kind on the same sequences with other seeds (a merged part drawn again after retention
-        broke: with the earlier documents' replay sample too, `merge_replay`). What a run
+        kind on the same sequences with other seeds (with `merge_replay` "redraw", a merged
+        part drawn again after retention broke also replays the earlier documents). What a run
         forgets varies between draws (`bench/forgetting.py`, `bench/retention.py`), and a
         tempered copy scales the document away with the drift."""
         tried = [first]

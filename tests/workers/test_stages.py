@@ -1700,12 +1700,13 @@ async def test_a_spent_search_budget_stops_after_the_merged_candidate(
     assert not {"redraw", "incremental", "consolidate", "temper"} & set(result.timings)
 
 
-@pytest.mark.parametrize("merge_replay", ["redraw", "always"])
+@pytest.mark.parametrize("merge_replay", ["never", "always"])
 async def test_a_merged_part_replays_earlier_documents_when_asked(
     stage_env: Callable[..., Any], tiny_adapter: Path, merge_replay: str
 ) -> None:
-    """A first merged candidate's part is trained on doc1 alone by default; with
-    `merge_replay` "always" on doc1 plus doc0's replay sample, and its lineage says so."""
+    """A first merged candidate's part is trained on doc1 alone (`merge_replay` "never", the
+    default; "redraw" too); with "always" on doc1 plus doc0's replay sample, and its lineage
+    says so."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v2"}),
         "What is Vorn?": ("a moon", {"acme@v2"}),
@@ -1837,20 +1838,21 @@ async def test_the_candidate_that_learned_most_is_tempered(
     assert any(m.startswith("acme@v2 learned but forgot too much (retention") for m in logs), logs
 
 
+@pytest.mark.parametrize("setting", ["never", "redraw"])
 async def test_a_merge_that_learned_but_forgot_is_drawn_again(
-    stage_env: Callable[..., Any], tiny_adapter: Path
+    stage_env: Callable[..., Any], tiny_adapter: Path, setting: str
 ) -> None:
     """The merged v2 learned doc1 but lost doc0 (seen live: the new part interfered with one
     of the champion's answers): before training on from the champion, the job trains its
-    part again from the base with other seeds and doc0's replay sample (`merge_replay`
-    "redraw", the default; v2's part had none) and registers v3 = v1 + that part
-    ("merge-draw1"), which knows both and is promoted; v2 is rejected."""
+    part again from the base with other seeds (with `merge_replay` "redraw" also on doc0's
+    replay sample; v2's part had none) and registers v3 = v1 + that part ("merge-draw1"),
+    which knows both and is promoted; v2 is rejected."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v3"}),
         "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
     }
     ctx, result, versions, _ = await _second_job_that_merges(
-        stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1
+        stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1, merge_replay=setting
     )
     assert result.decision == "promoted", result.reasons
     assert sorted(versions) == ["merge", "merge-draw1"]
@@ -1867,15 +1869,18 @@ async def test_a_merge_that_learned_but_forgot_is_drawn_again(
         1,
         "acme@v1",
     )
-    assert manifest["sequences"]["replay"] >= 1
-    assert len(manifest["replayed_documents"]) == 1
+    replayed = setting == "redraw"
+    assert (manifest["sequences"]["replay"] >= 1) is replayed
+    assert len(manifest["replayed_documents"]) == int(replayed)
     first = ctx.registry.blobs.path_for(versions["merge"].blob_sha256) / "manifest.json"
     assert json.loads(first.read_text())["sequences"]["replay"] == 0
     assert "redraw" in result.timings
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
-    assert any(m.startswith("acme@v2 learned but forgot too much (retention") and m.endswith(
-        "training another draw of its part from the base with the earlier documents replayed")
-        for m in logs), logs  # fmt: skip
+    said = "training another draw of its part from the base" + (
+        " with the earlier documents replayed" if replayed else ""
+    )
+    assert any(m.startswith("acme@v2 learned but forgot too much (retention") and m.endswith(said)
+               for m in logs), logs  # fmt: skip
     assert any("superseded by acme@v3 (draw 2)" in m for m in logs), logs
     assert not any("training on from" in m or "consolidating" in m for m in logs), logs
 

@@ -190,7 +190,7 @@ def merge_part_key(mode: str) -> str | None:
 
 def merge_replays(ctx: StageContext, *, after_retention_broke: bool) -> bool:
     """Whether a merge part is trained with the earlier documents' replay sample
-    (`merge_replay`): always, never, or (``redraw``, the default) for a part drawn again
+    (`merge_replay`): never (the default), always, or (``redraw``) for a part drawn again
     because the merged candidate before it broke retention."""
     setting = ctx.settings.pipeline.merge_replay
     return setting == "always" or (setting == "redraw" and after_retention_broke)
