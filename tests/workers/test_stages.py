@@ -1890,8 +1890,8 @@ async def test_a_merge_drawn_again_for_the_guard_alone_replays_nothing(
     stage_env: Callable[..., Any], tiny_adapter: Path, setting: str
 ) -> None:
     """The merged v2 learned doc1 and kept doc0 but lost guard answers: its part is drawn
-    again without replay (replay mends retention, not the guard), as it is after a retention
-    break with `merge_replay` "never"."""
+    again without replay (`merge_replay` "redraw" replays only after a retention break), as
+    it is after a retention break with "never"."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
         "What is Vorn?": ("a moon", {"acme@v2", "acme@v3"}),
