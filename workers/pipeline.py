@@ -198,8 +198,7 @@ async def _first_candidate(
                 "log", f"adding this job's documents, trained from the base, to {champion.name}"
             )
             try:
-                replay = train.merge_replays(ctx, after_retention_broke=False)
-                return await train.merge_stage(ctx, inputs, champion=champion, replay=replay)
+                return await train.merge_stage(ctx, inputs, champion=champion)
             except ValueError as e:  # e.g. a champion an admin imported for other modules
                 refusal = str(e)
         await ctx.event("log", f"training on from {champion.name}: cannot add to it ({refusal})")
@@ -325,7 +324,11 @@ class _Search:
                 replay = train.merge_replays(self.ctx, after_retention_broke=broke)
                 what = "another draw of its part"
                 trained = train.merge_stage(
-                    self.ctx, self.inputs, champion=self.champion, draw=draw, replay=replay
+                    self.ctx,
+                    self.inputs,
+                    champion=self.champion,
+                    draw=draw,
+                    after_retention_broke=broke,
                 )
             else:
                 what, replay = "another draw", False
@@ -382,8 +385,7 @@ class _Search:
             )
             await ctx.progress("train", 0.0)
             try:
-                replay = train.merge_replays(ctx, after_retention_broke=False)
-                merged = await train.merge_stage(ctx, self.inputs, champion=champion, replay=replay)
+                merged = await train.merge_stage(ctx, self.inputs, champion=champion)
             except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
                 await ctx.event("log", f"cannot add to {champion.name}: {e}")
             else:

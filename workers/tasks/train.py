@@ -202,18 +202,20 @@ async def merge_stage(
     *,
     champion: ResolvedVersion,
     draw: int = 0,
-    replay: bool = False,
+    after_retention_broke: bool = False,
 ) -> Candidate:
     """Trains the job's documents from the base (as a first version would be; with the
-    earlier documents' replay sample when ``replay``) and registers, once per job and draw,
-    the adapter whose update is the champion's plus that one (`workers.training.merge`): what
-    the champion knew is kept as it was, instead of being trained on from (incremental), and
-    the new update is learned without it in the way. ``draw`` n > 0 trains the part again with
-    other seeds, as `train_stage` does."""
+    earlier documents' replay sample when `merge_replays` says so: a draw made because the
+    merged candidate before it broke retention passes ``after_retention_broke``) and
+    registers, once per job and draw, the adapter whose update is the champion's plus that one
+    (`workers.training.merge`): what the champion knew is kept as it was, instead of being
+    trained on from (incremental), and the new update is learned without it in the way.
+    ``draw`` n > 0 trains the part again with other seeds, as `train_stage` does."""
     key = draw_key("merge", draw)
     existing = await _registered(ctx, key)
     if existing is not None:
         return existing
+    replay = merge_replays(ctx, after_retention_broke=after_retention_broke)
     data, anchors = _job_data(ctx, inputs, "merge", draw=draw, replay=replay)
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
     hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
