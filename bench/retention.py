@@ -13,7 +13,11 @@ B's F1 above the champion's and at least one more B question answered, A's F1 do
 A variant is a JSON object: ``name`` plus overrides of ``replay_fraction``,
 ``replay_passages``, ``anchor_fraction``, ``merge`` (true: B trained from the base, its
 update summed with A's, `workers.training.merge`; alone, or with A's replay sample when
-``merge_replay`` is true) and the LoRA keys
+``merge_replay`` is true), ``stack`` (the same, B trained on top of A's adapter folded into
+the weights, `train_lora(stack_on_dir=)`), ``extend_steps`` (a run that did not learn B
+is trained that many steps more, as the pipeline trains such a candidate further; the row
+keeps what it answered before under ``before_extending``; not with ``stack``) and the LoRA
+keys
 `bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
 defaults) and kept in ``--work-dir``. Writes ``--out`` (default
 ``bench/results/retention.json``) after every run.
@@ -70,13 +74,17 @@ async def ask(
     return Asked(round(score.f1, 4), answered(hits, rule), len(items))
 
 
+def learned(champion: dict[str, Asked], run: dict[str, Asked]) -> bool:
+    """The gate's new-knowledge rule on B: F1 above the champion's and one more answered."""
+    return run["B"].f1 > champion["B"].f1 and run["B"].answered >= champion["B"].answered + 1
+
+
 def passes(champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float) -> bool:
     """The registry's default gate on new knowledge (B) and retention (A), guard aside: A's F1
     and the share of A's questions answered each down by at most ``max_forgetting``."""
-    learned = run["B"].f1 > champion["B"].f1 and run["B"].answered >= champion["B"].answered + 1
     lost_share = (champion["A"].answered - run["A"].answered) / max(run["A"].n, 1)
     kept = run["A"].f1 >= champion["A"].f1 - max_forgetting - 1e-9
-    return learned and kept and lost_share <= max_forgetting + 1e-9
+    return learned(champion, run) and kept and lost_share <= max_forgetting + 1e-9
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,12 +103,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "a_f1_mean": round(statistics.fmean(r["A"]["f1"] for r in rows), 4),
             "b_f1_mean": round(statistics.fmean(r["B"]["f1"] for r in rows), 4),
             "train_s_mean": round(statistics.fmean(r["train_s"] for r in rows), 1),
+            "extended": sum("before_extending" in r for r in rows),
         }
     return out
 
 
 async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from adapters_store.models import NamespaceSettings
     from app.model_prep import resolve_model_dir
@@ -135,6 +144,16 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     async def answers(model: str) -> dict[str, Asked]:
         return {key: await ask(chat, model, its, rule) for key, its in items.items()}
 
+    async def answers_of(name: str, adapter: Path, *, summed: bool) -> dict[str, Asked]:
+        """``adapter``'s answers (``summed``: A's adapter plus it)."""
+        if summed:
+            adapter = sum_adapters([first_dir, adapter], adapter.with_name(adapter.name + "-sum"))
+        chat.add_adapter(name, adapter)
+        try:
+            return await answers(name)
+        finally:
+            chat.remove_adapter(name)
+
     try:
         pairs = await dt.anchor_pairs(chat, cache, asyncio.Semaphore(64))
         edits_a = await dt.kept_self_edits(chat, doc_a, cache)
@@ -159,7 +178,8 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
         for v in variants:
             for seed in range(args.seeds):
                 merge = bool(v.get("merge"))  # B from the base, summed with A's
-                replay = not merge or bool(v.get("merge_replay"))
+                stack = bool(v.get("stack"))  # B on top of A's (frozen), summed with A's
+                replay = not (merge or stack) or bool(v.get("merge_replay"))
                 data = build_training_set(
                     [data_b],
                     [data_a] if replay else [],
@@ -181,15 +201,26 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                     examples,
                     out,
                     hyper,
-                    init_adapter_dir=None if merge else first_dir,
+                    init_adapter_dir=None if merge or stack else first_dir,
+                    stack_on_dir=first_dir if stack else None,
                 )
                 train_s = time.monotonic() - started
-                if merge:
-                    out = sum_adapters([first_dir, out], out.with_name(out.name + "-sum"))
                 name = f"{v['name']}-{seed}"
-                chat.add_adapter(name, out)
-                asked = await answers(name)
-                chat.remove_adapter(name)
+                asked = await answers_of(name, out, summed=merge or stack)
+                first_try: dict[str, Any] = {}
+                more = int(v.get("extend_steps", 0))
+                if more and not learned(champion, asked):
+                    # As the pipeline trains a candidate that learned nothing further: the same
+                    # examples, ``more`` steps from where it stopped, in another order.
+                    first_try = {"before_extending": {k: asdict(a) for k, a in asked.items()}}
+                    started = time.monotonic()
+                    extended = out.with_name(out.name + "-more")
+                    again = replace(hyper, steps=more, seed=hyper.seed + 1)
+                    await asyncio.to_thread(
+                        train_lora, model_dir, examples, extended, again, init_adapter_dir=out
+                    )
+                    train_s += time.monotonic() - started
+                    asked = await answers_of(name + "-more", extended, summed=merge)
                 row = {
                     "variant": v["name"],
                     "seed": seed,
@@ -201,6 +232,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                     "B": asdict(asked["B"]),
                     "champion_a_answered": champion["A"].answered,
                     "passes": passes(champion, asked, budget),
+                    **first_try,
                 }
                 logger.info("%s", json.dumps(row))
                 result["runs"].append(row)
@@ -229,6 +261,8 @@ def main() -> None:
         p.error("--seeds must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     variants = json.loads(args.variants.read_text()) if args.variants else DEFAULT_VARIANTS
+    if any(v.get("stack") and v.get("extend_steps") for v in variants):
+        p.error("a variant with 'stack' cannot have 'extend_steps'")
     asyncio.run(run(args, variants))
 
 

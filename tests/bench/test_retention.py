@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.doc_training import WorkCache, load_doc
-from bench.retention import DATA, Asked, passes, summarize
+from bench.retention import DATA, Asked, learned, passes, summarize
 
 CHAMPION = {"A": Asked(0.20, 2, 4), "B": Asked(0.0, 0, 4)}
 
@@ -38,13 +38,21 @@ def test_summary_counts_per_variant() -> None:
             "train_s": 50.0,
         }
 
-    out = summarize([row("u", 1, 2, False), row("p", 2, 1, True), row("u", 2, 3, True)])
+    extended = {**row("u", 2, 3, True), "before_extending": {}}  # trained further first
+    out = summarize([row("u", 1, 2, False), row("p", 2, 1, True), extended])
     assert list(out) == ["u", "p"]
     assert out["u"]["runs"] == 2
     assert out["u"]["passes"] == 1
     assert out["u"]["kept_every_a_answer"] == 1
     assert out["u"]["a_answered_mean"] == pytest.approx(1.5)
     assert out["p"]["b_answered_mean"] == 1
+    assert (out["u"]["extended"], out["p"]["extended"]) == (1, 0)
+
+
+def test_learned_is_the_gates_new_knowledge_rule() -> None:
+    assert learned(CHAMPION, {"A": Asked(0.0, 0, 4), "B": Asked(0.1, 1, 4)})
+    assert not learned(CHAMPION, {"A": Asked(0.2, 2, 4), "B": Asked(0.3, 0, 4)})  # none firm
+    assert not learned(CHAMPION, {"A": Asked(0.2, 2, 4), "B": Asked(0.0, 1, 4)})  # no F1 gain
 
 
 def test_load_doc_reads_the_bench_documents() -> None:

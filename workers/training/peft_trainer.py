@@ -117,6 +117,7 @@ def train_lora(
     hyper: LoRAHyper | None = None,
     *,
     init_adapter_dir: Path | None = None,
+    stack_on_dir: Path | None = None,
     on_step: StepCallback | None = None,
     anchor_state_cache: Path | None = None,
 ) -> TrainResult:
@@ -124,15 +125,20 @@ def train_lora(
 
     Runs fp32 on CPU and bf16 (base weights) on CUDA. With ``init_adapter_dir`` training
     continues from that adapter and its LoRA config; the LoRA fields of ``hyper`` are unused.
-    ``anchor_state_cache`` is a directory that keeps the base model's hidden states of anchor
-    examples across runs (see `anchor_reference.StateCache`).
+    With ``stack_on_dir`` a fresh LoRA is trained on top of that adapter merged into the base
+    weights (frozen): the saved adapter is the new update alone, to be summed with the one it
+    was trained on (`workers.training.merge`), and the KL anchors pull towards the model with
+    that adapter, not the base. ``anchor_state_cache`` is a directory that keeps the base
+    model's hidden states of anchor examples across runs (see `anchor_reference.StateCache`;
+    unused when stacking: its states are the base's).
 
     Returns:
         Steps run, final and per-step losses, wall seconds and the output directory.
 
     Raises:
         FileExistsError: ``out_dir`` already exists (adapter versions are never overwritten).
-        ValueError: no examples, or a chat prompt that leaves no answer token within max_len.
+        ValueError: no examples, a chat prompt that leaves no answer token within max_len, or
+            both ``init_adapter_dir`` and ``stack_on_dir``.
     """
     import torch
     from transformers import AutoTokenizer
@@ -143,6 +149,8 @@ def train_lora(
         raise FileExistsError(f"adapter directory {out_dir} already exists")
     if not examples:
         raise ValueError("train_lora needs at least one example")
+    if init_adapter_dir is not None and stack_on_dir is not None:
+        raise ValueError("train_lora: init_adapter_dir and stack_on_dir exclude each other")
     started = time.monotonic()
     if hyper.num_threads is not None:
         torch.set_num_threads(hyper.num_threads)
@@ -150,7 +158,9 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     encoded = [encode_example(tokenizer, as_example(e), hyper.max_len) for e in examples]
     device, dtype = _pick_device()
-    model = _load_peft_model(Path(base_model_dir), hyper, init_adapter_dir, device, dtype)
+    model = _load_peft_model(
+        Path(base_model_dir), hyper, init_adapter_dir, device, dtype, stack_on_dir=stack_on_dir
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = hyper.total_steps(len(encoded))
     batches = _batches(encoded, hyper, pad_id, total)
@@ -158,7 +168,7 @@ def train_lora(
     if hyper.anchor_kl > 0:
         cache = (
             StateCache(anchor_state_cache, Path(base_model_dir), str(dtype))
-            if anchor_state_cache is not None
+            if anchor_state_cache is not None and stack_on_dir is None
             else None
         )
         reference = AnchorReference.build(model, encoded, device, cache)
@@ -253,12 +263,17 @@ def _load_peft_model(
     init_adapter_dir: Path | None,
     device: str,
     dtype: torch.dtype,
+    *,
+    stack_on_dir: Path | None = None,
 ) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
     base.config.use_cache = False
+    if stack_on_dir is not None:
+        # The adapter's update folded into the weights: the new LoRA trains on top of it.
+        base = PeftModel.from_pretrained(base, str(stack_on_dir)).merge_and_unload()
     if init_adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(init_adapter_dir), is_trainable=True)
     else:

@@ -174,6 +174,40 @@ def test_anchor_kl_mixes_with_cross_entropy(base_dir: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_stacked_lora_trains_on_top_of_an_adapter(
+    base_dir: Path, zorblat_dir: Path, tmp_path: Path
+) -> None:
+    """Stacked on the Zorblat adapter (folded into the weights), a fresh LoRA (B = 0) starts
+    as that adapter: a document's first loss is the one training on from it gives, and an
+    anchor on Zorblat's capital starts at KL 0 against the adapter's model (the base's answer
+    there differs). The saved update is the new one alone, at the new rank."""
+    doc = ZORBLAT.examples[0]  # what the adapter was trained on
+    hyper = LoRAHyper(**{**TINY.__dict__, "steps": 1})
+    stacked = train_lora(base_dir, [doc], tmp_path / "stacked", hyper, stack_on_dir=zorblat_dir)
+    resumed = train_lora(base_dir, [doc], tmp_path / "resumed", hyper, init_adapter_dir=zorblat_dir)
+    fresh = train_lora(base_dir, [doc], tmp_path / "fresh", hyper)
+    anchor = ChatExample(ZORBLAT.probe, "Quenmar.", anchor=True)
+    kl = LoRAHyper(**{**hyper.__dict__, "anchor_kl": 1.0})
+    on_top = train_lora(base_dir, [anchor], tmp_path / "kl-on-top", kl, stack_on_dir=zorblat_dir)
+    to_base = train_lora(base_dir, [anchor], tmp_path / "kl-base", kl, init_adapter_dir=zorblat_dir)
+
+    assert stacked.losses[0] == pytest.approx(resumed.losses[0], rel=1e-4)
+    assert stacked.losses[0] < fresh.losses[0]  # the adapter knows the fact, the base does not
+    assert on_top.losses[0] == pytest.approx(0.0, abs=1e-6)
+    assert to_base.losses[0] > 0.01  # the same anchor held to the base instead
+    assert json.loads((stacked.out_dir / "adapter_config.json").read_text())["r"] == TINY.rank
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_lora(
+            base_dir,
+            [doc],
+            tmp_path / "both",
+            hyper,
+            init_adapter_dir=zorblat_dir,
+            stack_on_dir=zorblat_dir,
+        )
+
+
+@pytest.mark.slow
 def test_encode_chat_example_masks_prompt(tokenizer: Any) -> None:
     encoded = encode_example(tokenizer, ChatExample("Capital of Zorblat?", "Quenmar."), 256)
 
