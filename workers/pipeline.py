@@ -280,8 +280,9 @@ class _Search:
         return current
 
     async def train_further(self, current: Scored) -> Scored:
-        """``current`` trained `extend_steps` more (once per candidate), evaluated, replacing
-        it, when it did not learn its documents; else ``current`` as it is. The gate then
+        """``current`` (a merged one: its part) trained `extend_steps` more (once per
+        candidate), evaluated, replacing it, when it did not learn its documents; else
+        ``current`` as it is. The gate then
         judges the result on the same held-out probes (neither run trained on them): a job
         gets two tries at its gain, as tempering gets several scales."""
         candidate, scores = current
@@ -295,7 +296,9 @@ class _Search:
         self.clock.start("extend")
         await self.ctx.event(
             "log",
-            f"{candidate.name} did not learn ({verdict.reasons[0]}); training {more} more steps",
+            f"{candidate.name} did not learn ({verdict.reasons[0]}); training "
+            + ("its part " if candidate.merged else "")
+            + f"{more} more steps",
         )
         trained = train.extend_stage(
             self.ctx, self.inputs, candidate, mode=mode, parent=self.champion, steps=more
@@ -344,6 +347,18 @@ class _Search:
             tried.append(await self.replace(candidate, trained, why=f"draw {draw + 1}"))
         return tried
 
+    async def merged_tries(self, merged: Scored) -> list[Scored]:
+        """A merged candidate and those tried after it on the same path: its part drawn again
+        while it learned but forgot (`redraw`), then, when the last one learned nothing, its
+        part trained further (`train_further`: the second try a first version gets; the part
+        is a training from the base like a first version's). Live, first versions that learned
+        nothing firmly were promoted after 50 more steps (README, "training further")."""
+        tried = await self.redraw(merged)
+        further = await self.train_further(tried[-1])
+        if further is not tried[-1]:
+            tried.append(further)
+        return tried
+
     async def beyond_first(self, first: Scored, champion: ResolvedVersion) -> list[Scored]:
         """The candidates tried for a namespace with a champion, in order, starting with the
         first one (merged or incremental, `_first_candidate`; a merged one that learned but
@@ -354,7 +369,7 @@ class _Search:
         one, when it kept the earlier documents but learned nothing, is trained further as a
         first version is), then a consolidated one when the last one still broke retention."""
         ctx, gate = self.ctx, self.gate
-        tried = await self.redraw(first) if first[0].merged else [first]
+        tried = await self.merged_tries(first) if first[0].merged else [first]
         candidate, scores = tried[-1]
         verdict = promote.decide(scores, gate)
         short = promote.retention_broken(scores, gate)
@@ -389,7 +404,8 @@ class _Search:
             except ValueError as e:  # e.g. a champion an admin imported with per-module ranks
                 await ctx.event("log", f"cannot add to {champion.name}: {e}")
             else:
-                tried.extend(await self.redraw(await self.replace(candidate, merged, why="merged")))
+                scored = await self.replace(candidate, merged, why="merged")
+                tried.extend(await self.merged_tries(scored))
                 candidate, scores = tried[-1]
         broken = promote.retention_broken(scores, gate)
         if ctx.settings.pipeline.consolidate and broken and await self.may_go_on(candidate):

@@ -1582,7 +1582,8 @@ async def _second_job_that_merges(
 ) -> tuple[Any, Any, dict[str, AdapterVersion], Path]:
     """Doc1 ("Vorn", with ``probes``) after ``_learned_first_document``, with its incremental
     adapter, its merge part (trained alone from the base: another small adapter), the part's
-    second draw (another one, in the job's folder as ``part-draw1``) and its consolidated
+    second draw (another one, in the job's folder as ``part-draw1``), the part trained further
+    (``part-more``) and its consolidated
     adapter already trained; ``redraw_tries=0`` (the default) goes from a merged candidate
     that forgot on without drawing its part again. Returns the context, the result, the
     job's versions by key and the part's folder."""
@@ -1604,6 +1605,8 @@ async def _second_job_that_merges(
     _pretrained(ctx, tiny_adapter, "incremental")
     _pretrained(ctx, part, "merge-part")
     _pretrained(ctx, draw, "merge-part-draw1")
+    more = _random_copy(tiny_adapter, ctx.artifacts_dir.parent / "part-more")
+    _pretrained(ctx, more, "merge-part-more")
     _pretrained(ctx, tiny_adapter, "consolidate")
     _pretrained(ctx, tiny_adapter, "incremental-more")
     result = await run_pipeline(ctx)
@@ -1729,11 +1732,12 @@ async def test_a_merged_part_replays_earlier_documents_when_asked(
         assert (replayed, manifest["replayed_documents"]) == (0, [])
 
 
-async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
+async def test_a_merge_first_that_learned_nothing_has_its_part_trained_further(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
-    """The merged v2 learned nothing of doc1: the job trains on from v1 (v3, incremental),
-    which knows both and is promoted; v2 is rejected, nothing is consolidated."""
+    """The merged v2 learned nothing of doc1: its part (trained from the base, as a first
+    version is) gets the second try a first version gets, 50 more steps, and v3 = v1 + that
+    part ("merge-more") knows both and is promoted; v2 is rejected, nothing else trained."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
         "What is Vorn?": ("a moon", {"acme@v3"}),
@@ -1742,27 +1746,34 @@ async def test_a_merge_first_that_learned_nothing_trains_on_from_the_champion(
         stage_env, tiny_adapter, knows, merge_first=True
     )
     assert result.decision == "promoted", result.reasons
-    assert sorted(versions) == ["incremental", "merge"]
+    assert sorted(versions) == ["merge", "merge-more"]
     assert versions["merge"].status == AdapterStatus.rejected
-    assert (versions["incremental"].id, versions["incremental"].version) == (
-        result.version_id,
-        3,
+    more = versions["merge-more"]
+    assert (more.id, more.version) == (result.version_id, 3)
+    v1 = await ctx.registry.resolve("acme@v1")
+    assert more.parent_version_id == v1.version_id
+    more_dir = ctx.registry.blobs.path_for(more.blob_sha256)
+    _assert_champion_plus(ctx, more_dir, v1, ctx.artifacts_dir.parent / "part-more")
+    manifest = json.loads((more_dir / "manifest.json").read_text())
+    assert (manifest["mode"], manifest["extends"], manifest["parent"]) == (
+        "merge-more",
+        "acme@v2",
+        "acme@v1",
     )
-    assert result.scores is not None
-    assert result.scores["mode"] == "incremental"
-    assert "incremental" in result.timings
+    assert manifest["replayed_documents"] == []
+    assert "extend" in result.timings
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
-    assert any("acme@v2 did not learn" in m and "training on from acme@v1 instead" in m
-               for m in logs), logs  # fmt: skip
-    assert not any("consolidating" in m for m in logs), logs
+    said = "training its part 50 more steps"
+    assert any(m.startswith("acme@v2 did not learn") and m.endswith(said) for m in logs), logs
+    assert not any("training on from" in m or "consolidating" in m for m in logs), logs
 
 
-async def test_an_incremental_candidate_after_a_merge_learning_nothing_is_trained_further(
+async def test_a_merge_first_that_learned_nothing_twice_trains_on_from_the_champion(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:
-    """Neither the merged v2 nor the incremental v3 learned doc1, and both kept doc0: v3 gets
-    a first version's second try (v4, trained further from v3), knows both and is promoted;
-    v2 and v3 are rejected."""
+    """The merged v2 learned nothing of doc1, nor did its part trained further (v3): the job
+    trains on from v1 (v4, incremental), which knows both and is promoted; v2 and v3 are
+    rejected, nothing is consolidated."""
     knows = {
         "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3", "acme@v4"}),
         "What is Vorn?": ("a moon", {"acme@v4"}),
@@ -1771,17 +1782,47 @@ async def test_an_incremental_candidate_after_a_merge_learning_nothing_is_traine
         stage_env, tiny_adapter, knows, merge_first=True
     )
     assert result.decision == "promoted", result.reasons
-    assert sorted(versions) == ["incremental", "incremental-more", "merge"]
+    assert sorted(versions) == ["incremental", "merge", "merge-more"]
     assert versions["merge"].status == AdapterStatus.rejected
-    assert versions["incremental"].status == AdapterStatus.rejected
+    assert versions["merge-more"].status == AdapterStatus.rejected
+    assert (versions["incremental"].id, versions["incremental"].version) == (
+        result.version_id,
+        4,
+    )
+    assert result.scores is not None
+    assert result.scores["mode"] == "incremental"
+    assert "incremental" in result.timings
+    logs = [m for kind, m, _ in ctx.events if kind == "log"]
+    assert any("acme@v3 did not learn" in m and "training on from acme@v1 instead" in m
+               for m in logs), logs  # fmt: skip
+    assert not any("consolidating" in m for m in logs), logs
+
+
+async def test_an_incremental_candidate_after_a_merge_learning_nothing_is_trained_further(
+    stage_env: Callable[..., Any], tiny_adapter: Path
+) -> None:
+    """Neither the merged v2 (nor v3, its part trained further) nor the incremental v4
+    learned doc1, and all kept doc0: v4 gets a first version's second try (v5, trained
+    further from v4), knows both and is promoted; v2, v3 and v4 are rejected."""
+    knows = {
+        "What is brewed?": ("kelloth", {f"acme@v{n}" for n in range(1, 6)}),
+        "What is Vorn?": ("a moon", {"acme@v5"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["incremental", "incremental-more", "merge", "merge-more"]
+    for key in ("merge", "merge-more", "incremental"):
+        assert versions[key].status == AdapterStatus.rejected
     further = versions["incremental-more"]
-    assert (further.id, further.version) == (result.version_id, 4)
+    assert (further.id, further.version) == (result.version_id, 5)
     assert further.parent_version_id == (await ctx.registry.resolve("acme@v1")).version_id
     assert "extend" in result.timings
     logs = [m for kind, m, _ in ctx.events if kind == "log"]
-    assert any(m.startswith("acme@v3 did not learn") and m.endswith("training 50 more steps")
+    assert any(m.startswith("acme@v4 did not learn") and m.endswith("training 50 more steps")
                for m in logs), logs  # fmt: skip
-    assert any("superseded by acme@v4 (trained further)" in m for m in logs), logs
+    assert any("superseded by acme@v5 (trained further)" in m for m in logs), logs
     assert not any("consolidating" in m for m in logs), logs
 
 
@@ -1991,10 +2032,13 @@ async def test_a_drawn_merge_is_tempered_with_its_own_part(
 
 
 def test_merge_part_keys() -> None:
-    """Each merged draw keeps its own part; other modes (a tempered copy too) have none."""
+    """Each merged draw, and each trained further, keeps its own part; other modes (a tempered
+    copy too) have none."""
     assert train.merge_part_key("merge") == "merge-part"
     assert train.merge_part_key("merge-draw2") == "merge-part-draw2"
-    for mode in ("fresh", "incremental", "merge-x0.5", "merge-draw1-x0.5", "consolidate"):
+    assert train.merge_part_key("merge-more") == "merge-part-more"  # its part trained further
+    assert train.merge_part_key("merge-draw1-more") == "merge-part-draw1-more"
+    for mode in ("fresh", "incremental", "merge-x0.5", "merge-more-x0.5", "consolidate"):
         assert train.merge_part_key(mode) is None
 
 

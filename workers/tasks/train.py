@@ -182,10 +182,11 @@ MERGE_PART = "merge-part"
 
 def merge_part_key(mode: str) -> str | None:
     """The artifact key of the part a merged candidate (registered as ``mode``) adds to the
-    champion: ``merge-part`` for ``merge``, ``merge-part-draw1`` for ``merge-draw1``; None for
-    any other mode (a tempered copy of a merged candidate included)."""
-    draw = re.fullmatch(r"merge(-draw\d+)?", mode)
-    return None if draw is None else MERGE_PART + (draw.group(1) or "")
+    champion: ``merge-part`` for ``merge``, ``merge-part-draw1`` for ``merge-draw1``,
+    ``merge-part-more`` for ``merge-more`` (its part trained further); None for any other
+    mode (a tempered copy of a merged candidate included)."""
+    found = re.fullmatch(r"merge((?:-draw\d+)?(?:-more)?)", mode)
+    return None if found is None else MERGE_PART + found.group(1)
 
 
 def merge_replays(ctx: StageContext, *, after_retention_broke: bool) -> bool:
@@ -289,11 +290,16 @@ async def extend_stage(
 ) -> Candidate:
     """Trains ``source`` (this job's ``mode`` candidate, which did not learn its documents)
     ``steps`` more optimizer steps on the same training set in a new order; registers it once
-    per job."""
+    per job. A merged ``source`` has its part trained further and added to the champion
+    (``parent``) again (`_extend_merged`)."""
     key = extend_key(source)
     existing = await _registered(ctx, key)
     if existing is not None:
         return existing
+    if source.merged:
+        if parent is None:
+            raise ValueError(f"{source.name} adds to a champion, and there is none")
+        return await _extend_merged(ctx, inputs, source, champion=parent, steps=steps)
     data, anchors = _job_data(ctx, inputs, mode)
     resolved = await ctx.registry.resolve(source.name)
     init_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)
@@ -312,6 +318,55 @@ async def extend_stage(
     }
     detail = f"{source.name} trained {steps} more steps"
     return await _register(ctx, adapter_dir, lineage, parent, detail=detail)
+
+
+async def _extend_merged(
+    ctx: StageContext,
+    inputs: TrainInputs,
+    source: Candidate,
+    *,
+    champion: ResolvedVersion,
+    steps: int,
+) -> Candidate:
+    """``source``'s part (a merged candidate's, `merge_part_key`) trained ``steps`` more on
+    the sequences it was trained on (its draw's anchors, its replay), in a new order, kept as
+    the artifact ``merge-part...-more`` and added to ``champion`` (``merge...-more``)."""
+    key = extend_key(source)
+    part_key, more_key = merge_part_key(source.mode), merge_part_key(key)
+    part = load_artifact(ctx.artifacts_dir, f"train-{part_key}.json")
+    if part_key is None or more_key is None or part is None:
+        raise ValueError(f"the part {source.name} adds to {champion.name} is gone")
+    resolved = await ctx.registry.resolve(source.name)
+    source_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)
+    made = json.loads((source_dir / "manifest.json").read_text())
+    draw = int(made.get("draw", 0))
+    data, anchors = _job_data(
+        ctx, inputs, "merge", draw=draw, replay=bool(made.get("replayed_documents"))
+    )
+    hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
+    seed = hyper.seed + DRAW_SEED_STRIDE * draw + 1  # the same data in another order
+    part_dir = await _trained_adapter(
+        ctx,
+        data,
+        anchors,
+        replace(hyper, steps=steps, seed=seed),
+        key=more_key,
+        init_dir=Path(part["adapter_dir"]),
+        init_name=f"{source.name}'s part",
+    )
+    out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
+    lineage = {
+        **{k: made[k] for k in ("documents", "replayed_documents", "self_edits") if k in made},
+        "job_id": ctx.job_id,
+        "mode": key,
+        "extends": source.name,
+        "parent": champion.name,
+        "summed": {"champion": champion.name, "documents": "this job's, trained from the base"},
+        "sequences": {**data.sources, "anchors": len(anchors)},
+        **({"draw": draw} if draw else {}),
+    }
+    detail = f"{champion.name} + {source.name}'s part trained {steps} more steps"
+    return await _register(ctx, out_dir, lineage, champion, detail=detail)
 
 
 async def _registered(ctx: StageContext, key: str) -> Candidate | None:
