@@ -16,8 +16,9 @@ update summed with A's, `workers.training.merge`; alone, or with A's replay samp
 ``merge_replay`` is true), ``stack`` (the same, B trained on top of A's adapter folded into
 the weights, `train_lora(stack_on_dir=)`), ``extend_steps`` (a run that did not learn B
 is trained that many steps more, as the pipeline trains such a candidate further; the row
-keeps what it answered before under ``before_extending``; not with ``stack``) and the LoRA
-keys
+keeps what it answered before under ``before_extending``; not with ``stack``),
+``hold_earlier`` (with ``stack``: KL anchors on A's self-QA questions, held to the
+champion's answers, `held_answers`) and the LoRA keys
 `bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
 defaults) and kept in ``--work-dir``. Writes ``--out`` (default
 ``bench/results/retention.json``) after every run.
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from bench.live import machine
 
 if TYPE_CHECKING:
     from bench.learning_engine import InProcessChat
+    from workers.tasks.common import Doc
     from workers.tasks.evaluate import EvalItem, FirmRule
 
 logger = logging.getLogger("bench.retention")
@@ -72,6 +75,27 @@ async def ask(
     greedy, hits = await answer_firmly(chat, model, items, rule=rule, max_tokens=64, limit=limit)
     score = score_answers((a, i.answers) for a, i in zip(greedy, items, strict=True))
     return Asked(round(score.f1, 4), answered(hits, rule), len(items))
+
+
+QUESTION_LINE = re.compile(r"^\**Question \d+:\**\s*(.+?)\s*$", re.MULTILINE)
+
+
+async def held_answers(chat: InProcessChat, doc: Doc, edits: list[str]) -> list[tuple[str, str]]:
+    """(prompt, the champion's greedy answer) for each question of ``doc``'s self-QA
+    self-edits, asked without the document as the evaluation asks (the document's probes,
+    held out, left out): KL anchors that hold a part trained on top of the champion to what
+    it answered about the earlier document (learning without forgetting)."""
+    from workers.tasks.common import qa_messages
+
+    probes = {p.question.strip().lower() for p in doc.probes}
+    questions = dict.fromkeys(q for e in edits for q in QUESTION_LINE.findall(e))
+    held = []
+    for question in (q for q in questions if q.lower() not in probes):
+        messages = qa_messages(doc.title, question)
+        (answer,) = await chat.chat("champion", messages, max_tokens=64)
+        if answer.strip():
+            held.append((messages[0]["content"], answer.strip()))
+    return held
 
 
 def learned(champion: dict[str, Asked], run: dict[str, Asked]) -> bool:
@@ -118,7 +142,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
     from workers.tasks.evaluate import EvalItem, firm_rule
     from workers.training.datasets import DocumentData, build_training_set
     from workers.training.merge import sum_adapters
-    from workers.training.peft_trainer import train_lora
+    from workers.training.peft_trainer import ChatExample, train_lora
 
     settings = Settings()
     pipeline = settings.pipeline
@@ -175,6 +199,11 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
         logger.info("champion (A's adapter): %s", result["champion"])
         if champion["A"].answered == 0:
             logger.warning("the champion answers none of A's questions: retention is moot")
+        held: list[tuple[str, str]] = []
+        if any(v.get("hold_earlier") for v in variants):
+            held = await held_answers(chat, doc_a, edits_a)
+            result["held_earlier"] = [{"prompt": u, "answer": a} for u, a in held]
+            logger.info("holding %d of the champion's answers on A's self-QA", len(held))
         for v in variants:
             for seed in range(args.seeds):
                 merge = bool(v.get("merge"))  # B from the base, summed with A's
@@ -192,6 +221,8 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                 examples = dt.job_examples(
                     data.sequences, pairs, anchor_fraction=fraction, seed=seed
                 )
+                if v.get("hold_earlier"):
+                    examples += [ChatExample(u, a, anchor=True) for u, a in held]
                 hyper = dt.variant_hyper({"threads": 2, **v}, len(examples), seed=seed)
                 out = args.work_dir / "adapters" / f"{v['name']}-{seed}-{time.time_ns()}"
                 started = time.monotonic()
@@ -263,6 +294,8 @@ def main() -> None:
     variants = json.loads(args.variants.read_text()) if args.variants else DEFAULT_VARIANTS
     if any(v.get("stack") and v.get("extend_steps") for v in variants):
         p.error("a variant with 'stack' cannot have 'extend_steps'")
+    if any(v.get("hold_earlier") and not v.get("stack") for v in variants):
+        p.error("'hold_earlier' needs 'stack' (its anchors are held to the champion)")
     asyncio.run(run(args, variants))
 
 

@@ -75,3 +75,31 @@ def test_work_cache_computes_once(tmp_path: Path) -> None:
     assert asyncio.run(cache.get("x.json", make)) == [1, 2]
     assert len(calls) == 1
     assert json.loads((tmp_path / "w" / "x.json").read_text()) == [1, 2]
+
+
+def test_held_answers_ask_the_self_qa_questions_but_not_the_probes() -> None:
+    """The champion's answers to the document's self-QA questions (markdown-bold headers too),
+    asked as the evaluation asks them; a question that is one of the held-out probes, or one
+    the champion leaves blank, is left out."""
+    from bench.retention import held_answers
+    from workers.tasks.common import qa_messages
+
+    doc = load_doc(DATA, 0)
+    probe = doc.probes[0].question
+    edits = [
+        f"Question 1: Who rules Tamsk?\nAnswer 1: Nobody.\n**Question 2:** {probe}\nAnswer 2: x",
+        "Question 3: What is blank?\nAnswer 3: -",
+        "Tamsk is an island.",
+    ]
+    asked: list[tuple[str, str]] = []
+
+    class Chat:
+        async def chat(self, model: str, messages: list[dict[str, str]], **_: object) -> list[str]:
+            asked.append((model, messages[0]["content"]))
+            return [" " if "blank" in messages[0]["content"] else " The Moot. "]
+
+    held = asyncio.run(held_answers(Chat(), doc, edits))  # type: ignore[arg-type]
+    prompt = qa_messages(doc.title, "Who rules Tamsk?")[0]["content"]
+    assert held == [(prompt, "The Moot.")]
+    assert [model for model, _ in asked] == ["champion", "champion"]
+    assert not any(probe in content for _, content in asked)
