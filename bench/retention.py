@@ -16,7 +16,7 @@ update summed with A's, `workers.training.merge`; alone, or with A's replay samp
 ``merge_replay`` is true), ``stack`` (the same, B trained on top of A's adapter folded into
 the weights, `train_lora(stack_on_dir=)`), ``extend_steps`` (a run that did not learn B
 is trained that many steps more, as the pipeline trains such a candidate further; the row
-keeps what it answered before under ``before_extending``; not with ``stack``),
+keeps what it answered before under ``before_extending``),
 ``hold_earlier`` (with ``stack``: KL anchors on A's self-QA questions, held to the
 champion's answers, `held_answers`) and the LoRA keys
 `bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
@@ -248,10 +248,16 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                     extended = out.with_name(out.name + "-more")
                     again = replace(hyper, steps=more, seed=hyper.seed + 1)
                     await asyncio.to_thread(
-                        train_lora, model_dir, examples, extended, again, init_adapter_dir=out
+                        train_lora,
+                        model_dir,
+                        examples,
+                        extended,
+                        again,
+                        init_adapter_dir=out,
+                        stack_on_dir=first_dir if stack else None,
                     )
                     train_s += time.monotonic() - started
-                    asked = await answers_of(name + "-more", extended, summed=merge)
+                    asked = await answers_of(name + "-more", extended, summed=merge or stack)
                 row = {
                     "variant": v["name"],
                     "seed": seed,
@@ -292,8 +298,6 @@ def main() -> None:
         p.error("--seeds must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     variants = json.loads(args.variants.read_text()) if args.variants else DEFAULT_VARIANTS
-    if any(v.get("stack") and v.get("extend_steps") for v in variants):
-        p.error("a variant with 'stack' cannot have 'extend_steps'")
     if any(v.get("hold_earlier") and not v.get("stack") for v in variants):
         p.error("'hold_earlier' needs 'stack' (its anchors are held to the champion)")
     asyncio.run(run(args, variants))

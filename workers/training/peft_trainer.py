@@ -125,8 +125,9 @@ def train_lora(
 
     Runs fp32 on CPU and bf16 (base weights) on CUDA. With ``init_adapter_dir`` training
     continues from that adapter and its LoRA config; the LoRA fields of ``hyper`` are unused.
-    With ``stack_on_dir`` a fresh LoRA is trained on top of that adapter merged into the base
-    weights (frozen): the saved adapter is the new update alone, to be summed with the one it
+    With ``stack_on_dir`` a fresh LoRA (or ``init_adapter_dir``'s, trained further) is trained
+    on top of that adapter merged into the base weights (frozen): the saved adapter is the new
+    update alone, to be summed with the one it
     was trained on (`workers.training.merge`), and the KL anchors pull towards the model with
     that adapter, not the base. ``anchor_state_cache`` is a directory that keeps the base
     model's hidden states of anchor examples across runs (see `anchor_reference.StateCache`;
@@ -137,8 +138,7 @@ def train_lora(
 
     Raises:
         FileExistsError: ``out_dir`` already exists (adapter versions are never overwritten).
-        ValueError: no examples, a chat prompt that leaves no answer token within max_len, or
-            both ``init_adapter_dir`` and ``stack_on_dir``.
+        ValueError: no examples, or a chat prompt that leaves no answer token within max_len.
     """
     import torch
     from transformers import AutoTokenizer
@@ -149,8 +149,6 @@ def train_lora(
         raise FileExistsError(f"adapter directory {out_dir} already exists")
     if not examples:
         raise ValueError("train_lora needs at least one example")
-    if init_adapter_dir is not None and stack_on_dir is not None:
-        raise ValueError("train_lora: init_adapter_dir and stack_on_dir exclude each other")
     started = time.monotonic()
     if hyper.num_threads is not None:
         torch.set_num_threads(hyper.num_threads)
