@@ -282,9 +282,9 @@ class _Search:
     async def train_further(self, current: Scored) -> Scored:
         """``current`` (a merged one: its part) trained `extend_steps` more (once per
         candidate), evaluated, replacing it, when it did not learn its documents; else
-        ``current`` as it is. The gate then
-        judges the result on the same held-out probes (neither run trained on them): a job
-        gets two tries at its gain, as tempering gets several scales."""
+        ``current`` as it is. The gate then judges the result on the same held-out probes
+        (neither run trained on them): a job gets two tries at its gain, as tempering gets
+        several scales."""
         candidate, scores = current
         more = self.ctx.settings.pipeline.extend_steps
         verdict = promote.decide(scores, self.gate)

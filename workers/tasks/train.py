@@ -333,8 +333,8 @@ async def _extend_merged(
     the artifact ``merge-part...-more`` and added to ``champion`` (``merge...-more``)."""
     key = extend_key(source)
     part_key, more_key = merge_part_key(source.mode), merge_part_key(key)
-    part = load_artifact(ctx.artifacts_dir, f"train-{part_key}.json")
-    if part_key is None or more_key is None or part is None:
+    part = None if part_key is None else load_artifact(ctx.artifacts_dir, f"train-{part_key}.json")
+    if more_key is None or part is None:
         raise ValueError(f"the part {source.name} adds to {champion.name} is gone")
     resolved = await ctx.registry.resolve(source.name)
     source_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, resolved.blob_sha256)

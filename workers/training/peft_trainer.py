@@ -127,11 +127,11 @@ def train_lora(
     continues from that adapter and its LoRA config; the LoRA fields of ``hyper`` are unused.
     With ``stack_on_dir`` a fresh LoRA (or ``init_adapter_dir``'s, trained further) is trained
     on top of that adapter merged into the base weights (frozen): the saved adapter is the new
-    update alone, to be summed with the one it
-    was trained on (`workers.training.merge`), and the KL anchors pull towards the model with
-    that adapter, not the base. ``anchor_state_cache`` is a directory that keeps the base
-    model's hidden states of anchor examples across runs (see `anchor_reference.StateCache`;
-    unused when stacking: its states are the base's).
+    update alone, to be summed with the one it was trained on (`workers.training.merge`), and
+    the KL anchors pull towards the model with that adapter, not the base.
+    ``anchor_state_cache`` is a directory that keeps the base model's hidden states of anchor
+    examples across runs (see `anchor_reference.StateCache`; unused when stacking: its states
+    are the base's).
 
     Returns:
         Steps run, final and per-step losses, wall seconds and the output directory.
