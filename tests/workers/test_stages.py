@@ -1569,6 +1569,25 @@ def _random_copy(adapter: Path, out: Path) -> Path:
     return out
 
 
+async def _assert_merge_replaced_v2(
+    ctx: Any, result: Any, versions: dict[str, AdapterVersion], key: str, part: str
+) -> dict[str, Any]:
+    """The job registered the merged v2 and ``key`` (v3) only, rejected v2 and promoted v3,
+    whose update is exactly v1's plus the part in the job's folder ``part``; returns v3's
+    lineage manifest."""
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["merge", key]
+    assert versions["merge"].status == AdapterStatus.rejected
+    promoted = versions[key]
+    assert (promoted.id, promoted.version) == (result.version_id, 3)
+    v1 = await ctx.registry.resolve("acme@v1")
+    assert promoted.parent_version_id == v1.version_id
+    promoted_dir = ctx.registry.blobs.path_for(promoted.blob_sha256)
+    _assert_champion_plus(ctx, promoted_dir, v1, ctx.artifacts_dir.parent / part)
+    manifest: dict[str, Any] = json.loads((promoted_dir / "manifest.json").read_text())
+    return manifest
+
+
 async def _second_job_that_merges(
     stage_env: Callable[..., Any],
     tiny_adapter: Path,
@@ -1745,16 +1764,7 @@ async def test_a_merge_first_that_learned_nothing_has_its_part_trained_further(
     ctx, result, versions, _ = await _second_job_that_merges(
         stage_env, tiny_adapter, knows, merge_first=True
     )
-    assert result.decision == "promoted", result.reasons
-    assert sorted(versions) == ["merge", "merge-more"]
-    assert versions["merge"].status == AdapterStatus.rejected
-    more = versions["merge-more"]
-    assert (more.id, more.version) == (result.version_id, 3)
-    v1 = await ctx.registry.resolve("acme@v1")
-    assert more.parent_version_id == v1.version_id
-    more_dir = ctx.registry.blobs.path_for(more.blob_sha256)
-    _assert_champion_plus(ctx, more_dir, v1, ctx.artifacts_dir.parent / "part-more")
-    manifest = json.loads((more_dir / "manifest.json").read_text())
+    manifest = await _assert_merge_replaced_v2(ctx, result, versions, "merge-more", "part-more")
     assert (manifest["mode"], manifest["extends"], manifest["parent"]) == (
         "merge-more",
         "acme@v2",
@@ -1895,16 +1905,7 @@ async def test_a_merge_that_learned_but_forgot_is_drawn_again(
     ctx, result, versions, _ = await _second_job_that_merges(
         stage_env, tiny_adapter, knows, merge_first=True, redraw_tries=1, merge_replay=setting
     )
-    assert result.decision == "promoted", result.reasons
-    assert sorted(versions) == ["merge", "merge-draw1"]
-    assert versions["merge"].status == AdapterStatus.rejected
-    drawn = versions["merge-draw1"]
-    assert (drawn.id, drawn.version) == (result.version_id, 3)
-    v1 = await ctx.registry.resolve("acme@v1")
-    assert drawn.parent_version_id == v1.version_id
-    drawn_dir = ctx.registry.blobs.path_for(drawn.blob_sha256)
-    _assert_champion_plus(ctx, drawn_dir, v1, ctx.artifacts_dir.parent / "part-draw1")
-    manifest = json.loads((drawn_dir / "manifest.json").read_text())
+    manifest = await _assert_merge_replaced_v2(ctx, result, versions, "merge-draw1", "part-draw1")
     assert (manifest["mode"], manifest["draw"], manifest["parent"]) == (
         "merge-draw1",
         1,
