@@ -254,6 +254,18 @@ class PipelineSettings(BaseModel):
             "the champion already carries the earlier documents, so the sum pushes them twice"
         ),
     )
+    merge_orthogonal: Literal["off", "in", "out", "both"] = Field(
+        "out",
+        description=(
+            "a merged candidate's part is trained orthogonal to the champion's update, module "
+            "by module (workers/training/orthogonal.py): on the output side (the part writes "
+            "no direction the champion's lora_B writes), the input side (reads none its "
+            "lora_A reads), both, or off. In process (bench/results/retention-orth.json, 3 "
+            "seeds each) the output-side part passed the gate in 3 of 3 runs, the "
+            "unconstrained one in 2 of 3 (its A F1 fell 0.052 in the third); an earlier bf16 "
+            "run, not kept: 1 of 3 against 0 of 3"
+        ),
+    )
     consolidate: bool = Field(True, description="retrain from base when retention breaks")
     search_budget_s: float = Field(
         1800.0,

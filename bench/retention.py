@@ -18,7 +18,9 @@ the weights, `train_lora(stack_on_dir=)`), ``extend_steps`` (a run that did not 
 is trained that many steps more, as the pipeline trains such a candidate further; the row
 keeps what it answered before under ``before_extending``),
 ``hold_earlier`` (with ``stack``: KL anchors on A's self-QA questions, held to the
-champion's answers, `held_answers`) and the LoRA keys
+champion's answers, `held_answers`), ``orthogonal`` (with ``merge``: B's part kept orthogonal
+to A's adapter on the ``in``put side of each module, the ``out``put side or ``both``,
+`workers.training.orthogonal`) and the LoRA keys
 `bench.doc_training.variant_hyper` reads. Document A's adapter is trained once (pipeline
 defaults) and kept in ``--work-dir``. Writes ``--out`` (default
 ``bench/results/retention.json``) after every run.
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.signals import exit_on_sigterm
 from bench.live import machine
+from workers.training.orthogonal import SIDES, OrthogonalTo
 
 if TYPE_CHECKING:
     from bench.learning_engine import InProcessChat
@@ -96,6 +99,12 @@ async def held_answers(chat: InProcessChat, doc: Doc, edits: list[str]) -> list[
         if answer.strip():
             held.append((messages[0]["content"], answer.strip()))
     return held
+
+
+def orthogonal_to(variant: dict[str, Any], champion_dir: Path) -> OrthogonalTo | None:
+    """How a variant's part is kept orthogonal to the champion (None: it is not)."""
+    side = variant.get("orthogonal")
+    return OrthogonalTo(champion_dir, side, "champion") if side else None
 
 
 def learned(champion: dict[str, Asked], run: dict[str, Asked]) -> bool:
@@ -224,6 +233,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                 if v.get("hold_earlier"):
                     examples += [ChatExample(u, a, anchor=True) for u, a in held]
                 hyper = dt.variant_hyper({"threads": 2, **v}, len(examples), seed=seed)
+                orthogonal = orthogonal_to(v, first_dir)
                 out = args.work_dir / "adapters" / f"{v['name']}-{seed}-{time.time_ns()}"
                 started = time.monotonic()
                 trained = await asyncio.to_thread(
@@ -234,6 +244,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                     hyper,
                     init_adapter_dir=None if merge or stack else first_dir,
                     stack_on_dir=first_dir if stack else None,
+                    orthogonal=orthogonal,
                 )
                 train_s = time.monotonic() - started
                 name = f"{v['name']}-{seed}"
@@ -255,6 +266,7 @@ async def run(args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
                         again,
                         init_adapter_dir=out,
                         stack_on_dir=first_dir if stack else None,
+                        orthogonal=orthogonal,
                     )
                     train_s += time.monotonic() - started
                     asked = await answers_of(name + "-more", extended, summed=merge or stack)
@@ -300,6 +312,9 @@ def main() -> None:
     variants = json.loads(args.variants.read_text()) if args.variants else DEFAULT_VARIANTS
     if any(v.get("hold_earlier") and not v.get("stack") for v in variants):
         p.error("'hold_earlier' needs 'stack' (its anchors are held to the champion)")
+    for v in variants:
+        if v.get("orthogonal") and (not v.get("merge") or v["orthogonal"] not in SIDES):
+            p.error(f"'orthogonal' needs 'merge' and one of {', '.join(SIDES)}: {v}")
     asyncio.run(run(args, variants))
 
 

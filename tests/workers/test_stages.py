@@ -1778,6 +1778,54 @@ async def test_a_merge_first_that_learned_nothing_has_its_part_trained_further(
     assert not any("training on from" in m or "consolidating" in m for m in logs), logs
 
 
+@pytest.mark.parametrize("side", ["out", "off"])
+async def test_merged_parts_are_trained_orthogonal_to_the_champion(
+    stage_env: Callable[..., Any],
+    tiny_adapter: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    side: str,
+) -> None:
+    """With `merge_orthogonal` "out" (the default) the merged v2's part and that part trained
+    further (v3) are trained orthogonal to the champion v1's update, on the output side, and
+    their lineage says so; "off" trains them unconstrained. v1 itself (no champion) never is."""
+    from workers.training.orthogonal import OrthogonalTo
+
+    seen: dict[str, OrthogonalTo | None] = {}
+
+    async def trained(
+        stage: StageCtx, data: Any, anchors: Any, hyper: Any, *, key: str, **kw: Any
+    ) -> Path:
+        seen[key] = kw.get("orthogonal")
+        out = _random_copy(tiny_adapter, stage.artifacts_dir / f"adapter-{key}")
+        save_artifact(stage.artifacts_dir, f"train-{key}.json", {"adapter_dir": out})
+        return out
+
+    monkeypatch.setattr(train, "_trained_adapter", trained)
+    knows = {
+        "What is brewed?": ("kelloth", {"acme@v1", "acme@v2", "acme@v3"}),
+        "What is Vorn?": ("a moon", {"acme@v3"}),
+    }
+    ctx, result, versions, _ = await _second_job_that_merges(
+        stage_env, tiny_adapter, knows, merge_first=True, merge_orthogonal=side
+    )
+    assert result.decision == "promoted", result.reasons
+    assert sorted(versions) == ["merge", "merge-more"]
+    v1 = await ctx.registry.resolve("acme@v1")
+    expected = (
+        None
+        if side == "off"
+        else OrthogonalTo(ctx.registry.blobs.path_for(v1.blob_sha256), "out", "acme@v1")
+    )
+    assert seen == {"fresh": None, "merge-part": expected, "merge-part-more": expected}
+    for key in ("merge", "merge-more"):
+        folder = ctx.registry.blobs.path_for(versions[key].blob_sha256)
+        lineage = json.loads((folder / "manifest.json").read_text())
+        if side == "off":
+            assert "orthogonal_to" not in lineage
+        else:
+            assert lineage["orthogonal_to"] == {"version": "acme@v1", "side": "out"}
+
+
 async def test_a_merge_first_that_learned_nothing_twice_trains_on_from_the_champion(
     stage_env: Callable[..., Any], tiny_adapter: Path
 ) -> None:

@@ -22,6 +22,7 @@ from workers.tasks.common import ACTOR, Doc, load_artifact, save_artifact
 from workers.tasks.history import LearnedDoc
 from workers.tasks.synthesize import SelfEditSample
 from workers.training.datasets import DocumentData, TrainingSet, build_training_set, plan_steps
+from workers.training.orthogonal import OrthogonalTo
 from workers.training.threads import ThreadBudget, training_budget
 
 if TYPE_CHECKING:
@@ -197,6 +198,16 @@ def merge_replays(ctx: StageContext, *, after_retention_broke: bool) -> bool:
     return setting == "always" or (setting == "redraw" and after_retention_broke)
 
 
+async def merge_orthogonal(ctx: StageContext, champion: ResolvedVersion) -> OrthogonalTo | None:
+    """How a merged candidate's part is kept orthogonal to the champion's update
+    (`merge_orthogonal`), or None when it is not."""
+    side = ctx.settings.pipeline.merge_orthogonal
+    if side == "off":
+        return None
+    champion_dir = await asyncio.to_thread(ctx.registry.blobs.path_for, champion.blob_sha256)
+    return OrthogonalTo(champion_dir, side, champion.name)
+
+
 async def merge_stage(
     ctx: StageContext,
     inputs: TrainInputs,
@@ -222,7 +233,10 @@ async def merge_stage(
     hyper = replace(hyper, seed=hyper.seed + DRAW_SEED_STRIDE * draw)
     # The part is kept as an artifact: tempering re-adds it to the champion at a smaller scale.
     part_key = draw_key(MERGE_PART, draw)  # merge-part, merge-part-draw1, ...
-    part_dir = await _trained_adapter(ctx, data, anchors, hyper, key=part_key, init_dir=None)
+    orthogonal = await merge_orthogonal(ctx, champion)
+    part_dir = await _trained_adapter(
+        ctx, data, anchors, hyper, key=part_key, init_dir=None, orthogonal=orthogonal
+    )
     out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
     lineage = {
         "job_id": ctx.job_id,
@@ -234,6 +248,7 @@ async def merge_stage(
         "self_edits": [e.id for e in inputs.edits if e.kept and e.id is not None],
         "sequences": {**data.sources, "anchors": len(anchors)},
         **({"draw": draw} if draw else {}),
+        **_orthogonal_lineage(orthogonal),
     }
     detail = f"{champion.name} + {len(inputs.docs)} document(s) trained from the base"
     return await _register(ctx, out_dir, lineage, champion, detail=detail)
@@ -345,6 +360,7 @@ async def _extend_merged(
     )
     hyper = hyper_for(ctx, len(data.sequences) + len(anchors), "merge")
     seed = hyper.seed + DRAW_SEED_STRIDE * draw + 1  # the same data in another order
+    orthogonal = await merge_orthogonal(ctx, champion)
     part_dir = await _trained_adapter(
         ctx,
         data,
@@ -353,6 +369,7 @@ async def _extend_merged(
         key=more_key,
         init_dir=Path(part["adapter_dir"]),
         init_name=f"{source.name}'s part",
+        orthogonal=orthogonal,
     )
     out_dir = await merged_adapter(ctx, champion, part_dir, key=key, weight=1.0)
     lineage = {
@@ -364,9 +381,17 @@ async def _extend_merged(
         "summed": {"champion": champion.name, "documents": "this job's, trained from the base"},
         "sequences": {**data.sources, "anchors": len(anchors)},
         **({"draw": draw} if draw else {}),
+        **_orthogonal_lineage(orthogonal),
     }
     detail = f"{champion.name} + {source.name}'s part trained {steps} more steps"
     return await _register(ctx, out_dir, lineage, champion, detail=detail)
+
+
+def _orthogonal_lineage(orthogonal: OrthogonalTo | None) -> dict[str, Any]:
+    """The lineage entry of a part trained orthogonal to the champion (none otherwise)."""
+    if orthogonal is None:
+        return {}
+    return {"orthogonal_to": {"version": orthogonal.name, "side": orthogonal.side}}
 
 
 async def _registered(ctx: StageContext, key: str) -> Candidate | None:
@@ -454,9 +479,11 @@ async def _trained_adapter(
     key: str,
     init_dir: Path | None,
     init_name: str = "base",
+    orthogonal: OrthogonalTo | None = None,
 ) -> Path:
     """The adapter folder: an earlier attempt's finished one, else a new training run (from
-    ``init_dir``'s adapter when given, else a fresh LoRA)."""
+    ``init_dir``'s adapter when given, else a fresh LoRA; kept ``orthogonal`` to an adapter
+    when given)."""
     artifact = f"train-{key}.json"
     cached = load_artifact(ctx.artifacts_dir, artifact)
     if cached is not None and (Path(cached["adapter_dir"]) / "adapter_config.json").is_file():
@@ -477,17 +504,19 @@ async def _trained_adapter(
         if budget.adaptive
         else f", {budget.idle} CPU thread{'s' if budget.idle > 1 else ''}"
     )
+    apart = "" if orthogonal is None else f", orthogonal to {orthogonal.name} ({orthogonal.side})"
     await ctx.event(
         "log",
         f"training ({key}): {len(data.sequences)} sequences + {len(anchors)} anchors, "
-        f"{hyper.steps} steps{threads}",
+        f"{hyper.steps} steps{threads}{apart}",
         mode=key,
         init=init_name,
         steps=hyper.steps,
         anchors=len(anchors),
         **data.sources,
+        **({} if orthogonal is None else {"orthogonal": orthogonal.side}),
     )
-    result = await _run_training(ctx, examples, out_dir, hyper, init_dir, budget)
+    result = await _run_training(ctx, examples, out_dir, hyper, init_dir, budget, orthogonal)
     stats = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds}
     save_artifact(ctx.artifacts_dir, artifact, {"adapter_dir": out_dir, **stats})
     await ctx.event(
@@ -505,6 +534,7 @@ async def _run_training(
     hyper: LoRAHyper,
     init_dir: Path | None,
     budget: ThreadBudget | None = None,
+    orthogonal: OrthogonalTo | None = None,
 ) -> TrainResult:
     """train_lora in a thread (the event loop keeps heartbeating the lease), with losses and
     progress reported from the loop.
@@ -541,6 +571,7 @@ async def _run_training(
             out_dir,
             hyper,
             init_adapter_dir=init_dir,
+            orthogonal=orthogonal,
             on_step=on_step,
             anchor_state_cache=ctx.settings.data_dir / "cache" / ANCHOR_STATES_DIR,
         )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.training.adapter_files import atomic_dir
 from workers.training.anchor_reference import AnchorReference, StateCache
+from workers.training.orthogonal import OrthogonalProjector, OrthogonalTo
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +119,7 @@ def train_lora(
     *,
     init_adapter_dir: Path | None = None,
     stack_on_dir: Path | None = None,
+    orthogonal: OrthogonalTo | None = None,
     on_step: StepCallback | None = None,
     anchor_state_cache: Path | None = None,
 ) -> TrainResult:
@@ -129,6 +131,9 @@ def train_lora(
     on top of that adapter merged into the base weights (frozen): the saved adapter is the new
     update alone, to be summed with the one it was trained on (`workers.training.merge`), and
     the KL anchors pull towards the model with that adapter, not the base.
+    With ``orthogonal`` the new LoRA factors are kept orthogonal to an earlier adapter's, on
+    the input side of each module, the output side or both (`workers.training.orthogonal`),
+    from the start and after every step.
     ``anchor_state_cache`` is a directory that keeps the base model's hidden states of anchor
     examples across runs (see `anchor_reference.StateCache`; unused when stacking: its states
     are the base's).
@@ -170,7 +175,12 @@ def train_lora(
             else None
         )
         reference = AnchorReference.build(model, encoded, device, cache)
-    losses = _optimise(model, batches, hyper, total, device, on_step, reference)
+    projector = None
+    if orthogonal is not None:
+        parameters = model.named_parameters()
+        projector = OrthogonalProjector.build(parameters, orthogonal.adapter_dir, orthogonal.side)
+        projector.project()
+    losses = _optimise(model, batches, hyper, total, device, on_step, reference, projector)
     _save_adapter(model, out_dir)
     seconds = time.monotonic() - started
     logger.info("trained %s: %d steps, loss %.4f, %.1f s", out_dir.name, total, losses[-1], seconds)
@@ -295,8 +305,10 @@ def _optimise(
     device: str,
     on_step: StepCallback | None,
     reference: AnchorReference | None = None,
+    projector: OrthogonalProjector | None = None,
 ) -> list[float]:
-    """AdamW at a constant learning rate over the trainable (LoRA) parameters."""
+    """AdamW at a constant learning rate over the trainable (LoRA) parameters (projected
+    after each step when ``projector`` is given)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -319,6 +331,8 @@ def _optimise(
         if hyper.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
         optimizer.step()
+        if projector is not None:
+            projector.project()
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

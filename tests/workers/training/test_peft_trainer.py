@@ -17,6 +17,7 @@ from tests.support.models import (
     load_causal_lm,
     read_train_log,
 )
+from workers.training.orthogonal import OrthogonalTo
 from workers.training.peft_trainer import (
     IGNORE_INDEX,
     ChatExample,
@@ -202,6 +203,43 @@ def test_stacked_lora_trains_on_top_of_an_adapter(
         stack_on_dir=zorblat_dir,
     )  # fmt: skip
     assert more.losses[0] < stacked.losses[0]
+
+
+@pytest.mark.slow
+def test_lora_trained_orthogonal_to_an_adapter(
+    base_dir: Path, zorblat_dir: Path, tmp_path: Path
+) -> None:
+    """With ``orthogonal`` the saved factors read no input direction the Zorblat adapter's
+    A reads and write no output direction its B writes, module by module, and training still
+    lowers the loss; trained without it, they overlap."""
+    from safetensors.torch import load_file
+
+    doc = ZORBLAT.examples[0]
+    hyper = LoRAHyper(**{**TINY.__dict__, "steps": 4, "lr": 1e-3})
+    ortho = train_lora(
+        base_dir, [doc], tmp_path / "ortho", hyper,
+        orthogonal=OrthogonalTo(zorblat_dir, "both"),
+    )  # fmt: skip
+    plain = train_lora(base_dir, [doc], tmp_path / "plain", hyper)
+    old = load_file(str(zorblat_dir / "adapter_model.safetensors"))
+
+    def overlaps(out_dir: Path) -> list[float]:
+        new = load_file(str(out_dir / "adapter_model.safetensors"))
+        sizes = []
+        for key, a in new.items():
+            if ".lora_A." in key:
+                b = new[key.replace(".lora_A.", ".lora_B.")]
+                old_a, old_b = old[key], old[key.replace(".lora_A.", ".lora_B.")]
+                sizes.append(float((a @ old_a.T).abs().max() / a.abs().max()))
+                sizes.append(float((old_b.T @ b).abs().max() / max(float(b.abs().max()), 1e-12)))
+        return sizes
+
+    assert len(overlaps(ortho.out_dir)) == 2 * len(TINY.target_modules) * 30  # 30 layers
+    assert max(overlaps(ortho.out_dir)) < 1e-4
+    assert max(overlaps(plain.out_dir)) > 1e-2
+    assert ortho.losses[-1] < ortho.losses[0]
+    with pytest.raises(ValueError, match="unknown orthogonal side"):
+        OrthogonalTo(zorblat_dir, "sideways")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
