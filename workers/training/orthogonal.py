@@ -110,8 +110,12 @@ class OrthogonalProjector:
         for name, new in sorted(factors.items()):
             if name not in old or set(new) != {"A", "B"}:
                 continue
-            q_in = orthonormal_basis(old[name]["A"].T) if side in ("in", "both") else None
-            q_out = orthonormal_basis(old[name]["B"]) if side in ("out", "both") else None
+            device = new["A"].device  # the bases live beside the factors they project
+            q_in = q_out = None
+            if side in ("in", "both"):
+                q_in = orthonormal_basis(old[name]["A"].T).to(device)
+            if side in ("out", "both"):
+                q_out = orthonormal_basis(old[name]["B"]).to(device)
             modules.append(_Module(new["A"], new["B"], q_in, q_out))
         return cls(modules)
 
