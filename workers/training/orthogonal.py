@@ -87,18 +87,18 @@ class OrthogonalProjector:
 
     @classmethod
     def build(
-        cls, parameters: Iterable[tuple[str, torch.Tensor]], earlier_dir: Path, side: Side
+        cls, parameters: Iterable[tuple[str, torch.Tensor]], to: OrthogonalTo
     ) -> OrthogonalProjector:
-        """From a PEFT model's ``named_parameters()`` and the earlier adapter's folder.
+        """From a PEFT model's ``named_parameters()`` and the earlier adapter (``to``, its
+        side checked when it was made).
 
         Raises:
-            ValueError: an unknown side, or no module of the earlier adapter in the model.
+            ValueError: no module of the earlier adapter in the model.
         """
         from safetensors.torch import load_file
 
-        if side not in SIDES:
-            raise ValueError(f"unknown side {side!r} ({' | '.join(SIDES)})")
-        earlier = load_file(str(Path(earlier_dir) / WEIGHTS))
+        side = to.side
+        earlier = load_file(str(Path(to.adapter_dir) / WEIGHTS))
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for name, param in parameters:
             if param.requires_grad and (".lora_A." in name or ".lora_B." in name):

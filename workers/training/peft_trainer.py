@@ -177,8 +177,7 @@ def train_lora(
         reference = AnchorReference.build(model, encoded, device, cache)
     projector = None
     if orthogonal is not None:
-        parameters = model.named_parameters()
-        projector = OrthogonalProjector.build(parameters, orthogonal.adapter_dir, orthogonal.side)
+        projector = OrthogonalProjector.build(model.named_parameters(), orthogonal)
         projector.project()
     losses = _optimise(model, batches, hyper, total, device, on_step, reference, projector)
     _save_adapter(model, out_dir)

@@ -9,7 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from workers.training.adapter_files import WEIGHTS
-from workers.training.orthogonal import OrthogonalProjector, module_name, orthonormal_basis
+from workers.training.orthogonal import (
+    OrthogonalProjector,
+    OrthogonalTo,
+    module_name,
+    orthonormal_basis,
+)
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -46,7 +51,8 @@ def test_projection_removes_the_earlier_directions_only(tmp_path: Path, side: st
     params = _params()
     a, b = params[f"{MODULE}.lora_A.default.weight"], params[f"{MODULE}.lora_B.default.weight"]
     a0, b0 = a.detach().clone(), b.detach().clone()
-    projector = OrthogonalProjector.build(params.items(), _earlier(tmp_path, old_a, old_b), side)  # type: ignore[arg-type]
+    to = OrthogonalTo(_earlier(tmp_path, old_a, old_b), side)  # type: ignore[arg-type]
+    projector = OrthogonalProjector.build(params.items(), to)
     assert projector.overlap() > 0.1
 
     projector.project()
@@ -65,9 +71,9 @@ def test_projection_removes_the_earlier_directions_only(tmp_path: Path, side: st
         assert torch.equal(b, b0)
 
 
-def test_build_refuses_unknown_side_and_foreign_adapters(tmp_path: Path) -> None:
+def test_unknown_sides_and_foreign_adapters_are_refused(tmp_path: Path) -> None:
     earlier = _earlier(tmp_path, torch.randn(2, 12), torch.randn(10, 2), module="other.v_proj")
     with pytest.raises(ValueError, match="no target module"):
-        OrthogonalProjector.build(_params().items(), earlier, "in")
-    with pytest.raises(ValueError, match="unknown side"):
-        OrthogonalProjector.build(_params().items(), earlier, "sideways")  # type: ignore[arg-type]
+        OrthogonalProjector.build(_params().items(), OrthogonalTo(earlier, "in"))
+    with pytest.raises(ValueError, match="unknown orthogonal side"):
+        OrthogonalTo(earlier, "sideways")  # type: ignore[arg-type]
