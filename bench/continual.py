@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     gate, settings = gate_from(args), parse_settings(args.set)
-    with live_stack(model_dir=args.model, worker_settings=settings) as stack:
+    with live_stack(model_dir=args.model, worker_settings=settings, keep=args.keep) as stack:
         stack.create_namespace(args.namespace, gate)
         base_docs, base_guard = measure(stack, "base")
         progress = Progress(passages, settings, gate, base_docs, base_guard, [], [], [], [])
@@ -286,6 +286,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length")
     parser.add_argument("--concurrency", type=int, default=16, help="questions in flight")
     parser.add_argument("--out", type=Path, default=RESULTS / "continual.json")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="copy the run's data dir (adapters, job artifacts) here at the end (bench.firmness)",
+    )
     gate_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

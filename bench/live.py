@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -53,15 +54,23 @@ def _keys(settings: Settings) -> dict[Role, str]:
 
 @contextmanager
 def live_stack(
-    *, model_dir: Path | None = None, worker_settings: Mapping[str, str] | None = None
+    *,
+    model_dir: Path | None = None,
+    worker_settings: Mapping[str, str] | None = None,
+    keep: Path | None = None,
 ) -> Iterator[Stack]:
     """Starts the stack in a temp dir and stops it on exit.
 
     Args:
         model_dir: HF model directory (default: the bundled model, converted once and cached).
         worker_settings: pipeline settings for the worker (``{"lr": "3e-4"}``).
+        keep: where to copy the temp dir (the data dir's database, adapters and job
+            artifacts, the logs) once the worker and the gateway have stopped, for later
+            analysis (`bench.firmness`); it must not exist.
     """
     model_dir = model_dir or bundled_model_dir(default_cache_root())
+    if keep is not None and keep.exists():
+        raise FileExistsError(f"{keep} already exists: a kept stack is never overwritten")
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         tmp_path = Path(tmp)
         data_dir = tmp_path / "data"
@@ -100,6 +109,8 @@ def live_stack(
             finally:
                 worker.stop()
                 server.stop()
+                if keep is not None:
+                    shutil.copytree(tmp_path, keep, ignore=shutil.ignore_patterns("redis"))
 
 
 def machine() -> dict[str, Any]:
