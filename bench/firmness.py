@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.live import machine
+from workers.tasks.evaluate import EvalItem
 
 if TYPE_CHECKING:
     from adapters_store.models import NamespaceSettings
@@ -103,7 +104,7 @@ class JobPlan:
     """One later job of the run: its earlier questions, champion and candidates."""
 
     document: str
-    items: list[Any]  # EvalItem
+    items: list[EvalItem]
     champion: str
     champion_dir: Path
     candidates: list[tuple[int, dict[str, Any], Path]]  # version, stored scores, folder
@@ -111,8 +112,6 @@ class JobPlan:
 
 def plan(run_dir: Path, result: dict[str, Any]) -> list[JobPlan]:
     """Reads the kept run: what to ask whom."""
-    from workers.tasks.evaluate import EvalItem
-
     data_dir = run_dir / "data"
     rows = [json.loads(x) for x in Path(result["data"]).read_text().splitlines() if x.strip()]
     docs = {r["id"]: r for r in rows}
@@ -125,7 +124,9 @@ def plan(run_dir: Path, result: dict[str, Any]) -> list[JobPlan]:
         attempt = sorted((data_dir / "jobs" / update["job_id"]).glob("attempt-*"))[-1]
         reference = json.loads((attempt / "reference_scores.json").read_text())
         champion = reference["champion"]["model"]
-        evaluations = sorted(attempt.glob("evaluate-v*.json"), key=lambda p: int(p.stem[10:]))
+        evaluated = sorted(
+            (int(e.stem.removeprefix("evaluate-v")), e) for e in attempt.glob("evaluate-v*.json")
+        )
         jobs.append(
             JobPlan(
                 update["document"],
@@ -135,11 +136,8 @@ def plan(run_dir: Path, result: dict[str, Any]) -> list[JobPlan]:
                     for q in docs[d]["questions"]
                 ],
                 champion,
-                folders[int(champion.split("@v")[1])],
-                [
-                    (int(e.stem[10:]), json.loads(e.read_text()), folders[int(e.stem[10:])])
-                    for e in evaluations
-                ],
+                folders[int(champion.rsplit("@v", 1)[1])],
+                [(v, json.loads(e.read_text()), folders[v]) for v, e in evaluated],
             )
         )
     return jobs
