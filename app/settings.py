@@ -329,6 +329,14 @@ class RestemSettings(BaseModel):
     rounds: int = Field(1, ge=1, le=20, description="ReSTEM rounds per job")
     docs: int = Field(4, ge=1, description="documents (with probes) per round")
     samples: int = Field(3, ge=1, description="self-edits sampled per document (K)")
+    resamples: int = Field(
+        1,
+        ge=0,
+        description=(
+            "times a round samples a document again (formats drawn again) when all its "
+            "self-edits were degenerate"
+        ),
+    )
     repeats: int = Field(1, ge=1, description="inner-loop trainings averaged per self-edit")
     max_docs: int = Field(50, ge=1, description="largest `docs` a job may ask for")
     max_samples: int = Field(10, ge=1, description="largest `samples` a job may ask for")

@@ -266,6 +266,7 @@ class RestemLoop:
         )  # fmt: skip
         await self.parts.reporter.progress("self_edit", self._fraction())
         edits = await self.sample(policy, docs, plans)
+        edits += await self._resample_bare(policy, docs, edits, k, rng, round_index)
         scored = await self.score(docs, edits, label=f"round {round_index}")
         for edit in scored:
             self.stats.record(edit)
@@ -301,6 +302,34 @@ class RestemLoop:
                 round=round_index, policy=result.candidate, examples=len(examples),
             )  # fmt: skip
         return result
+
+    async def _resample_bare(
+        self,
+        policy: PolicyRef,
+        docs: Sequence[Doc],
+        edits: Sequence[ScoredEdit],
+        k: int,
+        rng: random.Random,
+        round_index: int,
+    ) -> list[ScoredEdit]:
+        """Up to ``resamples`` more draws (formats drawn again) for the documents whose
+        self-edits were all degenerate, so one unlucky draw does not cost a document its round.
+        The degenerate samples stay in the round (they count against their format)."""
+        extra: list[ScoredEdit] = []
+        for _ in range(self.settings.resamples):
+            usable = {e.doc_id for e in [*edits, *extra] if e.reason is None}
+            bare = [d for d in docs if d.id not in usable]
+            if not bare:
+                break
+            await self.parts.reporter.event(
+                "log",
+                f"round {round_index}: no usable self-edit for {len(bare)} document(s); "
+                "sampling them again",
+                round=round_index, documents=[d.id for d in bare],
+            )  # fmt: skip
+            self._total += self.settings.repeats * k * len(bare)
+            extra += await self.sample(policy, bare, {d.id: self._choose(k, rng) for d in bare})
+        return extra
 
     def _choose(self, k: int, rng: random.Random) -> list[str]:
         return self.stats.choose(

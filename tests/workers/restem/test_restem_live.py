@@ -147,17 +147,19 @@ async def test_restem_job_learns_and_gates_a_policy(
     assert outcome["outcome"] == "succeeded", outcome
     code, output = await asyncio.wait_for(watcher, timeout=60)
     assert code == 0, output
+    job = (await http.get(f"/v1/adaptation/jobs/{job_id}")).json()
+    r = await http.get(f"/v1/adaptation/jobs/{job_id}/events", params={"limit": 100})
+    messages = [e["message"] for e in r.json()["data"]]
+    assert job["decision"] == "promoted", (job["reasons"], messages)
+    assert job["kind"] == "restem"
+    assert job["status"] == "succeeded"
+    assert job["progress"] == 1.0
+
     assert output.splitlines()[0] == job_id
     assert "registered policy" in output
     lines = [line for line in output.splitlines() if line.strip()]
     assert lines[-1].startswith(job_id), output
     assert " succeeded " in lines[-1], output  # the final job line
-
-    job = (await http.get(f"/v1/adaptation/jobs/{job_id}")).json()
-    assert job["kind"] == "restem"
-    assert job["status"] == "succeeded"
-    assert job["progress"] == 1.0
-    assert job["decision"] == "promoted", job["reasons"]
     assert job["result_version"] == f"{NAMESPACE}-policy@v1"
 
     scores = job["scores"]
@@ -185,8 +187,6 @@ async def test_restem_job_learns_and_gates_a_policy(
         e["reward"] for e in trained
     )
 
-    r = await http.get(f"/v1/adaptation/jobs/{job_id}/events", params={"limit": 100})
-    messages = [e["message"] for e in r.json()["data"]]
     assert any("reward" in m for m in messages), messages
     assert any(m.startswith("registered policy") for m in messages), messages
     assert any("format weights" in m for m in messages), messages

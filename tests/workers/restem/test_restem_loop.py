@@ -18,7 +18,15 @@ from tests.support.restem import (
     ScriptedSampler,
     ScriptedTrainer,
 )
-from workers.restem import RestemLoop, RestemParts, RunShape, split_documents
+from workers.restem import (
+    PolicyRef,
+    RestemLoop,
+    RestemParts,
+    RunShape,
+    SampleRequest,
+    SamplingOptions,
+    split_documents,
+)
 from workers.tasks.common import Doc
 from workers.tasks.synthesize import DEFAULT_PROMPTS, render_prompt
 
@@ -141,6 +149,52 @@ async def test_no_winner_means_no_policy_training() -> None:
     assert result.rounds[0].candidate is None
     assert result.rounds[0].gate is None
     assert trainer.examples == []
+
+
+class _BlankFirstSampler(ScriptedSampler):
+    """The first request of every document comes back blank (a degenerate draw)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blanked: set[str] = set()
+
+    async def sample(
+        self, policy: PolicyRef, request: SampleRequest, options: SamplingOptions
+    ) -> list[str]:
+        texts = await super().sample(policy, request, options)
+        if request.doc.id in self.blanked:
+            return texts
+        self.blanked.add(request.doc.id)
+        return [""] * request.n
+
+
+@pytest.mark.parametrize("resamples", [0, 1])
+async def test_a_document_with_only_degenerate_samples_is_sampled_again(resamples: int) -> None:
+    sampler, inner, trainer, recorder = (
+        _BlankFirstSampler(), ScriptedInnerLoop(), ScriptedTrainer(), Recorder()
+    )  # fmt: skip
+    config = RestemSettings(
+        docs=2, samples=1, heldout_docs=1, formats=["rewrite"], resamples=resamples
+    )
+    loop = RestemLoop(RestemParts(sampler, inner, trainer, recorder), config)
+    result = await loop.run(DOCS, policy=None)
+    (round0,) = result.rounds
+    if resamples == 0:  # one blank draw per document: nothing to train the policy on
+        assert round0.winners == {}
+        assert round0.candidate is None
+        return
+    # Each document: its blank draw (kept in the round, counted against its format), then a
+    # second draw that trains and wins.
+    for doc_id in round0.documents:
+        edits = [e for e in round0.edits if e.doc_id == doc_id]
+        assert [e.reason for e in edits] == ["empty", None]
+        assert round0.winners[doc_id] is edits[1]
+    assert result.format_stats.as_json()["rewrite"]["degenerate"] == 2
+    assert round0.candidate == "policy0"
+    logs = [m for k, m, _ in recorder.events if k == "log"]
+    assert any("no usable self-edit for 2 document(s); sampling them again" in m for m in logs)
+    assert recorder.fractions == sorted(recorder.fractions)
+    assert recorder.fractions[-1] == 1.0
 
 
 async def test_format_weights_learn_the_winning_format() -> None:
