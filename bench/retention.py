@@ -107,17 +107,50 @@ def orthogonal_to(variant: dict[str, Any], champion_dir: Path) -> OrthogonalTo |
     return OrthogonalTo(champion_dir, side, "champion") if side else None
 
 
+def gate_scores(champion: dict[str, Asked], run: dict[str, Asked]) -> dict[str, Any]:
+    """The champion's and a run's answers as the scores the pipeline's gate reads: B as the
+    new documents, A as the earlier ones (A's answered share counted firmly, as the bench asks
+    it; the pipeline counts retention answers greedily), no guard (`bench/forgetting.py`)."""
+
+    def row(model: str, asked: dict[str, Asked]) -> dict[str, Any]:
+        a, b = asked["A"], asked["B"]
+        return {
+            "model": model,
+            "new": {"f1": b.f1, "n": b.n, "answered": b.answered},
+            "retention": {"f1": a.f1, "contains": a.answered / max(a.n, 1), "n": a.n},
+        }
+
+    return {
+        "metrics": {"gate": "f1", "guard": "contains", "min_answered": 1},
+        "base": {},
+        "champion": row("champion", champion),
+        "candidate": row("run", run),
+    }
+
+
+def _decide(
+    champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float | None = None
+) -> Any:
+    """The gate's result (`GateResult`) at the registry's default thresholds."""
+    from adapters_store.models import NamespaceSettings
+    from workers.tasks.promote import decide
+
+    gate = NamespaceSettings()
+    if max_forgetting is not None:
+        gate = gate.model_copy(update={"max_forgetting": max_forgetting})
+    return decide(gate_scores(champion, run), gate)
+
+
 def learned(champion: dict[str, Asked], run: dict[str, Asked]) -> bool:
     """The gate's new-knowledge rule on B: F1 above the champion's and one more answered."""
-    return run["B"].f1 > champion["B"].f1 and run["B"].answered >= champion["B"].answered + 1
+    return bool(_decide(champion, run).learned)
 
 
 def passes(champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float) -> bool:
-    """The registry's default gate on new knowledge (B) and retention (A), guard aside: A's F1
-    and the share of A's questions answered each down by at most ``max_forgetting``."""
-    lost_share = (champion["A"].answered - run["A"].answered) / max(run["A"].n, 1)
-    kept = run["A"].f1 >= champion["A"].f1 - max_forgetting - 1e-9
-    return learned(champion, run) and kept and lost_share <= max_forgetting + 1e-9
+    """The registry's default gate (`workers.tasks.promote.decide`) on new knowledge (B) and
+    retention (A), guard aside: A's F1 and the share of A's questions answered each down by
+    at most ``max_forgetting``."""
+    return bool(_decide(champion, run, max_forgetting).passed)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
