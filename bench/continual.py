@@ -183,11 +183,13 @@ class Progress:
     contains_rows: list[list[float]]
     guard: list[dict[str, float]]
     updates: list[dict[str, Any]]
+    sample_seed: int | None = None
 
     def result(self, data: Path) -> dict[str, Any]:
         f1, contained = lower_triangle(self.f1_rows), lower_triangle(self.contains_rows)
         return {
             "data": str(data),
+            "sample_seed": self.sample_seed,
             "complete": len(self.updates) == len(self.passages),
             "documents": [
                 {"id": p.id, "title": p.title, "n": len(p.questions)} for p in self.passages
@@ -233,7 +235,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with live_stack(model_dir=args.model, worker_settings=settings, keep=args.keep) as stack:
         stack.create_namespace(args.namespace, gate)
         base_docs, base_guard = measure(stack, "base")
-        progress = Progress(passages, settings, gate, base_docs, base_guard, [], [], [], [])
+        progress = Progress(
+            passages, settings, gate, base_docs, base_guard, [], [], [], [],
+            sample_seed=args.sample_seed,
+        )  # fmt: skip
         for passage in passages:
             update = _update(stack, args.namespace, passage)
             update["model"] = model = _champion(stack, args.namespace)

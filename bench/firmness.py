@@ -112,9 +112,14 @@ class JobPlan:
 
 def plan(run_dir: Path, result: dict[str, Any]) -> list[JobPlan]:
     """Reads the kept run: what to ask whom."""
+    from bench.continual import load_passages
+
     data_dir = run_dir / "data"
-    rows = [json.loads(x) for x in Path(result["data"]).read_text().splitlines() if x.strip()]
-    docs = {r["id"]: r for r in rows}
+    ids = [d["id"] for d in result["documents"]]
+    passages = load_passages(Path(result["data"]), len(ids), seed=result.get("sample_seed"))
+    if [p.id for p in passages] != ids:
+        raise SystemExit(f"{result['data']} no longer holds the run's documents {ids}")
+    docs = {p.id: p for p in passages}
     folders = adapter_folders(data_dir)
     jobs = []
     updates = result["updates"]
@@ -130,10 +135,10 @@ def plan(run_dir: Path, result: dict[str, Any]) -> list[JobPlan]:
         jobs.append(
             JobPlan(
                 update["document"],
-                [
-                    EvalItem(docs[d]["title"], q["question"], (q["answers"][0],))
+                [  # the probes the jobs were given (as_ingest: the first answer)
+                    EvalItem(docs[d].title, q.question, q.answers[:1])
                     for d in earlier
-                    for q in docs[d]["questions"]
+                    for q in docs[d].questions
                 ],
                 champion,
                 folders[int(champion.rsplit("@v", 1)[1])],

@@ -8,6 +8,7 @@ import pytest
 
 from bench.continual import (
     DEFAULT_DATA,
+    Progress,
     diagonal,
     load_passages,
     lower_triangle,
@@ -80,3 +81,13 @@ def test_gate_flags_override_only_what_is_given() -> None:
     gate = gate_from(parser.parse_args(["--max-forgetting", "0", "--max-guard-drift", "0.2"]))
     assert gate == {"max_forgetting": 0.0, "max_guard_drift": 0.2}
     assert NamespaceSettings.model_validate(gate).min_gain == 0.0
+
+
+def test_a_sampled_run_records_its_seed_so_its_documents_can_be_loaded_again() -> None:
+    passages = load_passages(DEFAULT_DATA, 3, seed=11)
+    progress = Progress(passages, {}, None, [], {}, [], [], [], [], sample_seed=11)
+    result = progress.result(DEFAULT_DATA)
+    assert result["sample_seed"] == 11
+    assert result["complete"] is False
+    again = load_passages(Path(result["data"]), len(result["documents"]), seed=11)
+    assert [p.id for p in again] == [d["id"] for d in result["documents"]]

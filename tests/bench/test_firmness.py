@@ -104,10 +104,14 @@ def test_plan_reads_a_kept_run(tmp_path: Path) -> None:
         )
     updates = [_update("d1", "promoted"), _update("d2", "rejected")]
 
-    (later,) = plan(tmp_path / "run", {"data": str(data), "updates": updates})
+    result = {"data": str(data), "documents": [{"id": "d1"}, {"id": "d2"}], "updates": updates}
+    (later,) = plan(tmp_path / "run", result)
 
     assert later.document == "d2"
     assert [(i.title, i.question, i.answers) for i in later.items] == [("Td1", "qd1", ("ad1",))]
     champion = ("ns@v1", jobs / "adj_d1/attempt-1/adapter-fresh")
     assert (later.champion, later.champion_dir) == champion
     assert later.candidates == [(2, {"mode": "merge"}, jobs / "adj_d2/attempt-1/adapter-merge")]
+    # A data file that no longer holds the run's documents (or another sample of it) is refused.
+    with pytest.raises(SystemExit, match="no longer holds"):
+        plan(tmp_path / "run", {**result, "documents": [{"id": "d2"}, {"id": "d1"}]})
