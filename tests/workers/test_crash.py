@@ -196,9 +196,10 @@ async def test_sigkill_during_real_training_finishes_exactly_once(
         pytest.skip(f"Redis not reachable at {REDIS_URL}: {e}")
     queue_name = f"crash-real-{uuid.uuid4().hex[:8]}"
     lease = {"lease_s": 10.0, "heartbeat_s": 2.0, "reaper_interval_s": 1.0, "batch_window_s": 0}
-    # Exactly-once is the point, not learning: 40 steps (the first loss event comes at step 4,
-    # long before the end) and no training further keep the test short on a float32 CPU.
-    budget = {"max_steps": 40, "extend_steps": 0}
+    # Exactly-once is the point, not learning: one self-edit, 20 steps (the first loss event
+    # comes at step 4, long before the end), no training further and no second draw keep the
+    # test short on a float32 CPU.
+    budget = {"max_steps": 20, "extend_steps": 0, "redraw_tries": 0, "self_edits_per_doc": 1}
     pipeline = {**lease, **budget}
     pipeline_env = {f"SELFADAPT_PIPELINE__{k.upper()}": str(v) for k, v in pipeline.items()}
     gateway = await asyncio.to_thread(
