@@ -136,6 +136,7 @@ def main() -> None:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="warm one-document jobs to time")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cycle.json", help="result JSON")
     gate_args(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -143,7 +144,7 @@ def main() -> None:
     with live_stack(worker_settings=settings) as stack:
         cold = _time_job(stack, "cycle-cold", gate)
         warm = [_time_job(stack, f"cycle-{i}", gate) for i in range(args.runs)]
-    _write(cold, warm, gate, settings)
+    _write(cold, warm, gate, settings, args.out)
 
 
 def _write(
@@ -151,6 +152,7 @@ def _write(
     warm: list[dict[str, Any]],
     gate: dict[str, Any] | None,
     settings: dict[str, str],
+    path: Path,
 ) -> None:
     promoted = [r["ingest_to_promoted_s"] for r in warm if r["ingest_to_promoted_s"] is not None]
     stages = sorted({s for r in warm for s in r["stages_s"]})
@@ -167,8 +169,7 @@ def _write(
         "cold": cold,
         "machine": machine(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "cycle.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s: %s", path, json.dumps({k: result[k] for k in list(result)[:6]}))
 
