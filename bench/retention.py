@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from bench.learning_engine import InProcessChat
     from workers.tasks.common import Doc
     from workers.tasks.evaluate import EvalItem, FirmRule
+    from workers.tasks.promote import GateResult
 
 logger = logging.getLogger("bench.retention")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,7 +131,7 @@ def gate_scores(champion: dict[str, Asked], run: dict[str, Asked]) -> dict[str, 
 
 def _decide(
     champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float | None = None
-) -> Any:
+) -> GateResult:
     """The gate's result (`GateResult`) at the registry's default thresholds."""
     from adapters_store.models import NamespaceSettings
     from workers.tasks.promote import decide
@@ -143,14 +144,14 @@ def _decide(
 
 def learned(champion: dict[str, Asked], run: dict[str, Asked]) -> bool:
     """The gate's new-knowledge rule on B: F1 above the champion's and one more answered."""
-    return bool(_decide(champion, run).learned)
+    return _decide(champion, run).learned
 
 
 def passes(champion: dict[str, Asked], run: dict[str, Asked], max_forgetting: float) -> bool:
     """The registry's default gate (`workers.tasks.promote.decide`) on new knowledge (B) and
     retention (A), guard aside: A's F1 and the share of A's questions answered each down by
     at most ``max_forgetting``."""
-    return bool(_decide(champion, run, max_forgetting).passed)
+    return _decide(champion, run, max_forgetting).passed
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
