@@ -519,12 +519,24 @@ async def _trained_adapter(
     result = await _run_training(ctx, examples, out_dir, hyper, init_dir, budget, orthogonal)
     stats = {"steps": result.steps, "final_loss": result.final_loss, "seconds": result.seconds}
     save_artifact(ctx.artifacts_dir, artifact, {"adapter_dir": out_dir, **stats})
+    used = _thread_use(budget)
     await ctx.event(
         "metric",
-        f"trained {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.3f}",
+        f"trained {result.steps} steps in {result.seconds:.1f} s, loss {result.final_loss:.3f}"
+        + (f" ({used})" if used else ""),
         **stats,
+        **({"thread_steps": budget.steps_at} if used and budget is not None else {}),
     )
     return out_dir
+
+
+def _thread_use(budget: ThreadBudget | None) -> str:
+    """How many steps ran at each CPU thread count, for an adaptive budget ("" otherwise):
+    a run slower than usual shows whether the engine held a core."""
+    if budget is None or not budget.adaptive or not budget.steps_at:
+        return ""
+    counts = sorted(budget.steps_at.items(), reverse=True)
+    return ", ".join(f"{n} thread{'s' if n > 1 else ''}: {k} steps" for n, k in counts)
 
 
 async def _run_training(

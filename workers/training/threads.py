@@ -44,6 +44,8 @@ class ThreadBudget:
         self.idle, self.busy = idle, busy
         self._engine_busy = threading.Event()
         self._applied: int | None = None
+        self.steps_at: dict[int, int] = {}
+        """How many times ``apply`` chose each thread count (once per optimizer step)."""
 
     @classmethod
     def for_cpu(cls, cores: int | None = None) -> ThreadBudget:
@@ -75,6 +77,7 @@ class ThreadBudget:
         import torch
 
         want = self.threads
+        self.steps_at[want] = self.steps_at.get(want, 0) + 1
         if want != self._applied:
             torch.set_num_threads(want)
             if self._applied is not None:

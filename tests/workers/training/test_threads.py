@@ -41,6 +41,7 @@ def test_budget_follows_the_engine_and_applies_between_steps() -> None:
         assert torch.get_num_threads() == 1
         budget.engine_busy(False)
         assert budget.apply() == 2
+        assert budget.steps_at == {2: 2, 1: 1}  # what the train stage's metric event reports
     finally:
         torch.set_num_threads(before)
 
@@ -77,3 +78,14 @@ async def test_engine_is_busy_over_http() -> None:
         base_url="http://gw", transport=httpx.MockTransport(lambda r: httpx.Response(500))
     ) as http:
         assert await engine_is_busy(http) is None  # unknown: the worker treats it as busy
+
+
+def test_the_train_stage_reports_steps_per_thread_count() -> None:
+    from workers.tasks.train import _thread_use
+
+    budget = ThreadBudget.for_cpu(cores=2)
+    assert _thread_use(budget) == ""  # no step yet
+    budget.steps_at.update({2: 60, 1: 40})
+    assert _thread_use(budget) == "2 threads: 60 steps, 1 thread: 40 steps"
+    assert _thread_use(ThreadBudget.fixed(2)) == ""  # a fixed budget has nothing to report
+    assert _thread_use(None) == ""
