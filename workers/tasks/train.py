@@ -536,7 +536,9 @@ def _thread_use(budget: ThreadBudget | None) -> str:
     if budget is None or not budget.adaptive or not budget.steps_at:
         return ""
     counts = sorted(budget.steps_at.items(), reverse=True)
-    return ", ".join(f"{n} thread{'s' if n > 1 else ''}: {k} steps" for n, k in counts)
+    return ", ".join(
+        f"{n} thread{'s' if n > 1 else ''}: {k} step{'s' if k != 1 else ''}" for n, k in counts
+    )
 
 
 async def _run_training(

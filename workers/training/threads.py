@@ -45,7 +45,8 @@ class ThreadBudget:
         self._engine_busy = threading.Event()
         self._applied: int | None = None
         self.steps_at: dict[int, int] = {}
-        """How many times ``apply`` chose each thread count (once per optimizer step)."""
+        """Optimizer steps run at each thread count, counted by ``apply`` after each step (the
+        first at ``busy``: the train stage starts training there)."""
 
     @classmethod
     def for_cpu(cls, cores: int | None = None) -> ThreadBudget:
@@ -76,8 +77,9 @@ class ThreadBudget:
         between steps); returns the count in effect."""
         import torch
 
+        ran = self._applied if self._applied is not None else self.busy
+        self.steps_at[ran] = self.steps_at.get(ran, 0) + 1
         want = self.threads
-        self.steps_at[want] = self.steps_at.get(want, 0) + 1
         if want != self._applied:
             torch.set_num_threads(want)
             if self._applied is not None:

@@ -41,7 +41,8 @@ def test_budget_follows_the_engine_and_applies_between_steps() -> None:
         assert torch.get_num_threads() == 1
         budget.engine_busy(False)
         assert budget.apply() == 2
-        assert budget.steps_at == {2: 2, 1: 1}  # what the train stage's metric event reports
+        # What the train stage's event reports: the steps each count ran (the first at busy).
+        assert budget.steps_at == {1: 2, 2: 1}
     finally:
         torch.set_num_threads(before)
 
@@ -87,5 +88,7 @@ def test_the_train_stage_reports_steps_per_thread_count() -> None:
     assert _thread_use(budget) == ""  # no step yet
     budget.steps_at.update({2: 60, 1: 40})
     assert _thread_use(budget) == "2 threads: 60 steps, 1 thread: 40 steps"
+    budget.steps_at.update({2: 99, 1: 1})
+    assert _thread_use(budget) == "2 threads: 99 steps, 1 thread: 1 step"
     assert _thread_use(ThreadBudget.fixed(2)) == ""  # a fixed budget has nothing to report
     assert _thread_use(None) == ""
