@@ -166,23 +166,19 @@ async def run(jobs: list[JobPlan]) -> dict[str, Any]:
     try:
         for job in jobs:
             champion = await _hits(chat, job.champion, job.champion_dir, job.items, rule)
+            held = {"greedy": answered(champion, None), "firm": answered(champion, rule)}
             for version, scores, folder in job.candidates:
                 hits = await _hits(chat, f"v{version}", folder, job.items, rule)
-                firm = firm_regate(scores, answered(champion, rule), answered(hits, rule), gate)
+                kept = {"greedy": answered(hits, None), "firm": answered(hits, rule)}
+                firm = firm_regate(scores, held["firm"], kept["firm"], gate)
                 row = {
                     "document": job.document,
                     "version": version,
                     "mode": scores.get("mode"),
                     "champion": job.champion,
                     "questions": len(job.items),
-                    "champion_answered": {
-                        "greedy": answered(champion, None),
-                        "firm": answered(champion, rule),
-                    },
-                    "candidate_answered": {
-                        "greedy": answered(hits, None),
-                        "firm": answered(hits, rule),
-                    },
+                    "champion_answered": held,
+                    "candidate_answered": kept,
                     "lost": lost(champion, hits, rule.need),
                     "decision": decide(scores, gate).decision,
                     "decision_firm_retention": firm.decision,
