@@ -29,6 +29,14 @@ class EngineSettings(BaseModel):
     max_cpu_loras: int = Field(16, ge=1, description="adapters cached in host memory")
     max_lora_rank: int = Field(32, ge=1)
     kv_cache_space_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "KV cache block size in tokens (unset: 32 on CPU, where vLLM's 128 leaves prompts "
+            "shorter than 128 tokens out of the prefix cache; vLLM's default on a GPU)"
+        ),
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = False
     max_queue: int = Field(256, ge=1, description="requests admitted at once; more get 429")

@@ -26,6 +26,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from app.engine.dtype import resolve_dtype
+from app.engine.kv_blocks import resolve_block_size
 from app.settings import EngineSettings
 from app.signals import exit_on_sigterm
 from bench.plot import Panel, bar_panels
@@ -101,6 +102,7 @@ class BenchConfig:
     max_loras: int
     kv_cache_gib: int
     max_model_len: int
+    block_size: int | None
     ready_timeout_s: float
     request_timeout_s: float
     settle_s: float
@@ -421,6 +423,7 @@ def plugin_state(log_text: str, *, expect_patched: bool) -> dict[str, Any]:
 def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[str, ServerSpec]:
     """The three servers, configured alike: same engine limits, KV cache, LoRA slots and rank."""
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SELFADAPT_")}
+    block_size = resolve_block_size(cfg.block_size)
     base_env.update(
         VLLM_CPU_KVCACHE_SPACE=str(cfg.kv_cache_gib), VLLM_LOGGING_CONFIG_PATH=str(logging_config)
     )
@@ -440,6 +443,7 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
             "SELFADAPT_ENGINE__MAX_LORA_RANK": str(setup.rank),
             "SELFADAPT_ENGINE__MAX_NUM_SEQS": str(cfg.max_num_seqs),
             "SELFADAPT_ENGINE__MAX_MODEL_LEN": str(cfg.max_model_len),
+            **({"SELFADAPT_ENGINE__BLOCK_SIZE": str(block_size)} if block_size else {}),
         },
         port,
         "/readyz",
@@ -457,6 +461,7 @@ def server_specs(cfg: BenchConfig, setup: Setup, logging_config: Path) -> dict[s
         argv += ["--dtype", dtype, "--max-model-len", str(cfg.max_model_len)]
         argv += ["--enable-lora", "--max-lora-rank", str(setup.rank)]
         argv += ["--max-loras", str(cfg.max_loras), "--max-num-seqs", str(cfg.max_num_seqs)]
+        argv += ["--block-size", str(block_size)] if block_size else []
         argv += ["--disable-log-stats", "--disable-uvicorn-access-log"]  # as the gateway runs
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in setup.adapters.items())]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
@@ -569,6 +574,7 @@ def assemble(cfg: BenchConfig, setup: Setup, runs: dict[str, ServerRun]) -> dict
         adapters={n: str(p) for n, p in setup.adapters.items()},
         adapter_kind="4 distinct trained fact adapters (not copies)",
         max_lora_rank=setup.rank,
+        block_size=resolve_block_size(cfg.block_size),  # None: vLLM's default
         sampling="greedy (temperature 0), ignore_eos, max_tokens = output_tokens",
         client="openai.AsyncOpenAI streaming chat completions, include_usage; closed loop",
     )
@@ -661,6 +667,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--max-loras", type=int, default=4)
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--block-size", type=int, help="KV block size for every server (default: the gateway's)"
+    )
     p.add_argument("--ready-timeout", dest="ready_timeout_s", type=float, default=600.0)
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, default=600.0)
     p.add_argument("--settle", dest="settle_s", type=float, default=5.0, help="s between servers")

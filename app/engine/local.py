@@ -17,6 +17,7 @@ from app.engine.base import (
     TokenLogprob,
 )
 from app.engine.dtype import resolve_dtype
+from app.engine.kv_blocks import engine_block_size
 from app.errors import APIError, EngineUnavailable, InvalidRequest
 from app.settings import EngineSettings
 
@@ -72,6 +73,9 @@ class LocalEngine:
             "enforce_eager": s.enforce_eager,
             "disable_log_stats": True,
         }
+        block_size = engine_block_size(s.block_size, on_cpu=_device_is_cpu())
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         if s.enable_lora:
             kwargs.update(
                 enable_lora=True,
