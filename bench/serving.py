@@ -228,10 +228,12 @@ class PromptBook:
         self._filler = FIXED_TEXT * (input_tokens // 40 + 2)
 
     def prompts(self, tag: str, count: int) -> list[str]:
-        """`count` prompts that differ at the start, so no request reuses another's KV prefix."""
+        """`count` prompts that differ from their first token on (the chat template's system
+        turn before them is the same for all), so no request reuses another's KV prefix beyond
+        that turn, whatever the KV block size."""
         out = []
         for i in range(count):
-            ids = self._tok.encode(f"[{tag} #{i}] {self._filler}", add_special_tokens=False)
+            ids = self._tok.encode(f"{i} [{tag}] {self._filler}", add_special_tokens=False)
             out.append(str(self._tok.decode(ids[: self._budget])))
         return out
 
