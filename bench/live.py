@@ -114,9 +114,16 @@ def live_stack(
 
 
 def machine() -> dict[str, Any]:
-    """Where a result was measured (2-core numbers are noisy: say how loaded it was)."""
+    """Where a result was measured (2-core numbers are noisy: say how loaded it was), and the
+    engine settings the stack's gateway resolves on it (from the same environment)."""
+    from app.engine.dtype import resolve_dtype
+    from app.engine.kv_blocks import resolve_block_size
+
+    engine = Settings().engine
     return {
         "cpus": os.cpu_count(),
+        "engine_dtype": resolve_dtype(engine.dtype),
+        "engine_block_size": resolve_block_size(engine.block_size),
         "platform": platform.platform(),
         "load_avg_1m_at_end": os.getloadavg()[0],
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
