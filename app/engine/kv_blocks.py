@@ -2,10 +2,11 @@
 
 vLLM caches prompt prefixes in whole KV blocks, and its CPU backend defaults to 128-token
 blocks: a chat prompt shorter than 128 tokens never fills one, so no two requests share any
-prefill even when they start alike. Every request through the chat template starts with the same
-system turn (28 tokens for the bundled model) and every evaluation question with the same QA
-instruction after it (39 of a guard question's 57 tokens are the same for all), so 32-token
-blocks (the CPU backend wants multiples of 32) let each such request reuse the first block.
+prefill even when they start alike. Every request through the chat template starts with the
+same 24 tokens for the bundled model (its system turn and the user turn's header), and every
+evaluation question with the same QA instruction after them (39 of a guard question's 57
+tokens are the same for all), so 32-token blocks (the CPU backend wants multiples of 32) let
+each evaluation question reuse the first block.
 
 Measured on the 2-core AVX-512 BF16 box (2026-12-07, bundled model, the 75 guard questions at
 32 in flight, `max_tokens=1`): base 5.8 s -> 2.7 s, with a LoRA adapter 7.5 s -> 3.5 s;
