@@ -496,7 +496,7 @@ async def _trained_adapter(
     examples.extend(ChatExample(user, answer, anchor=True) for user, answer in anchors)
     settings = ctx.settings.pipeline
     budget = training_budget(settings.train_threads, adaptive=settings.adaptive_train_threads)
-    hyper = replace(hyper, num_threads=budget.busy if budget is not None else None)
+    hyper = replace(hyper, num_threads=budget.start if budget is not None else None)
     threads = (
         ""
         if budget is None

@@ -46,7 +46,7 @@ class ThreadBudget:
         self._applied: int | None = None
         self.steps_at: dict[int, int] = {}
         """Optimizer steps run at each thread count, counted by ``apply`` after each step (the
-        first at ``busy``: the train stage starts training there)."""
+        first at ``start``)."""
 
     @classmethod
     def for_cpu(cls, cores: int | None = None) -> ThreadBudget:
@@ -57,6 +57,12 @@ class ThreadBudget:
     @classmethod
     def fixed(cls, threads: int) -> ThreadBudget:
         return cls(idle=threads, busy=threads)
+
+    @property
+    def start(self) -> int:
+        """The thread count a training run starts at, before the first ``apply``: ``busy``
+        (the engine may be serving when it starts)."""
+        return self.busy
 
     @property
     def adaptive(self) -> bool:
@@ -77,7 +83,7 @@ class ThreadBudget:
         between steps); returns the count in effect."""
         import torch
 
-        ran = self._applied if self._applied is not None else self.busy
+        ran = self._applied if self._applied is not None else self.start
         self.steps_at[ran] = self.steps_at.get(ran, 0) + 1
         want = self.threads
         if want != self._applied:
